@@ -1,0 +1,46 @@
+# SkipPipe: `make run` and `make test` install into .venv on first use (see README).
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.install.stamp
+TORCH   ?= torch==2.13.0
+export OMP_NUM_THREADS ?= 1
+export WANDB_SILENT ?= true
+
+.PHONY: install run test test-fast lint bench bench-plan bench-runtime bench-quality clean
+
+install: $(STAMP)
+
+# torch first (a CPU build here; a plain `torch` from the index would pull a multi-GB CUDA build),
+# then the project with its dev extra. The stamp makes this idempotent.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+run: install
+	$(BIN)/skippipe train configs/tiny.yaml
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: install
+	$(BIN)/ruff check skippipe tests bench launch
+
+bench: bench-plan bench-runtime bench-quality
+
+bench-plan: install
+	$(BIN)/python bench/plan_bench.py
+
+bench-runtime: install
+	$(BIN)/python bench/runtime_bench.py
+
+bench-quality: install
+	$(BIN)/python bench/quality_study.py
+
+clean:
+	rm -rf runs wandb .pytest_cache

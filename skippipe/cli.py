@@ -1,0 +1,73 @@
+"""The ``skippipe`` command line: one subcommand per module in ``skippipe.commands``.
+
+Each command module defines ``add_arguments(parser)`` and ``run(args) -> int``. User mistakes raise
+:class:`~skippipe.errors.UserError` and end here as one line on stderr with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import List, Optional
+
+from skippipe.errors import UserError, VerificationFailed
+
+COMMANDS = {
+    "train": "train a model (launcher=inprocess, local or ray)",
+    "plan": "allocate nodes and route microbatches; compare the four methods",
+    "simulate": "simulate a plan file on a topology and cost model",
+    "verify": "check a run's ledger and checkpoints, or compare two runs",
+    "eval": "validation loss with the full model and with stages dropped",
+    "plot": "draw a run's loss curves, Gantt charts and coverage",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad arguments as one line and exit 2, like every other user error."""
+
+    def error(self, message: str):  # noqa: D401
+        raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="skippipe", description="SkipPipe: partial and reordered pipeline training")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for name, help_text in COMMANDS.items():
+        module = _load(name)
+        if module is None:
+            continue
+        cmd = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(cmd)
+        cmd.set_defaults(_module=module)
+    return parser
+
+
+def _load(name: str):
+    try:
+        return importlib.import_module(f"skippipe.commands.{name}")
+    except ModuleNotFoundError as err:
+        if err.name == f"skippipe.commands.{name}":
+            return None  # command not built yet
+        raise
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        args = build_parser().parse_args(argv)
+        return int(args._module.run(args) or 0)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except VerificationFailed as err:
+        print(f"FAILED: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,40 @@
+"""``skippipe train [CONFIG] [key=value ...]``: train with the configured launcher."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", help="a YAML config, e.g. configs/tiny.yaml")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=20")
+
+
+def split_config_and_overrides(args) -> tuple:
+    """argparse cannot tell `train a=1` (no config) from `train cfg.yaml`: an argument with '=' is an
+    override."""
+    items = ([args.config] if args.config else []) + list(args.overrides)
+    config = items[0] if items and "=" not in items[0] else None
+    overrides = items[1:] if config else items
+    return config, overrides
+
+
+def run(args) -> int:
+    from skippipe.config import load_config
+
+    config, overrides = split_config_and_overrides(args)
+    cfg = load_config(config, overrides)
+    if cfg.launcher == "inprocess":
+        from skippipe.train.loop import train_inprocess
+
+        train_inprocess(cfg)
+        return 0
+    if cfg.launcher == "local":
+        from skippipe.runtime.launch_local import train_local
+
+        train_local(cfg)
+        return 0
+    from skippipe.runtime.launch_ray import train_ray
+
+    train_ray(cfg)
+    return 0

@@ -1,0 +1,426 @@
+"""Typed run configuration: omegaconf structured dataclasses, YAML values, key=value overrides.
+
+The dataclasses below are the schema. ``load_config(path, overrides)`` merges, in order: the
+schema defaults, the YAML file, then the command-line ``key=value`` overrides, and runs the
+cross-field checks once. Every user mistake becomes a :class:`~skippipe.errors.ConfigError` with one
+line that names the key and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf  # noqa: F401
+from omegaconf import errors as oc_errors
+
+from skippipe.errors import ConfigError
+
+LAUNCHERS = ("inprocess", "local", "ray")
+METHODS = ("full", "random_skip", "skippipe_nc", "skippipe")
+VERIFY_LEVELS = ("off", "states", "full")
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+DATA_SOURCES = ("stdlib", "files", "tokens", "hf")
+TOKENIZERS = ("bytes", "bpe")
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"  # tiny, llama-500m, llama-1.5b, llama-8b (skippipe.model.presets)
+    dim: Optional[int] = None  # None: the preset's value
+    n_layers: Optional[int] = None
+    n_heads: Optional[int] = None
+    ffn_dim: Optional[int] = None
+    vocab_size: Optional[int] = None  # None: the tokenizer's vocabulary size
+    seq_len: Optional[int] = None  # tokens per sample; None: the preset's context length
+    init_std: float = 0.02
+    rope_theta: float = 10000.0
+
+
+@dataclass
+class DataConfig:
+    source: str = "stdlib"  # stdlib (Python's own sources, offline), files, tokens, hf
+    path: Optional[str] = None  # files: a path or glob of text files; tokens: a .bin/.npy token file
+    token_dtype: str = "uint16"  # for source=tokens with a raw .bin file: uint16 or uint32
+    hf_name: Optional[str] = None  # for source=hf: dataset name or local dataset directory
+    hf_split: str = "train"
+    hf_text_field: str = "text"
+    tokenizer: str = "bytes"  # bytes (vocab 256) or bpe (trained locally with `tokenizers`, cached)
+    bpe_vocab_size: int = 2048
+    max_corpus_mb: float = 8.0  # cap on the text read for the default corpus and for files
+    val_fraction: float = 0.05
+    cache_dir: Optional[str] = None  # None: $SKIPPIPE_CACHE or ~/.cache/skippipe
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # clip by global norm over all stages; 0 disables
+    samples_per_microbatch: int = 8
+    eval_every: int = 0  # 0: only at the end
+    eval_batches: int = 8
+    device: str = "cpu"  # cpu, cuda, or auto
+
+
+@dataclass
+class ScheduleConfig:
+    method: str = "skippipe"  # full, random_skip, skippipe_nc, skippipe
+    num_stages: int = 4  # ignored when partition_sizes is given (its length wins)
+    skip_ratio: float = 0.25  # (S - L) / S: L stages are visited per microbatch, stage 0 included
+    partition_sizes: List[int] = field(default_factory=list)  # replicas per stage, stage 0 first
+    memory: int = 3  # microbatches in flight per node (TC1)
+    microbatches_per_originator: int = 2  # per stage-0 node per iteration
+    max_swaps: int = 2  # SkipPipe rule 2: at most this many reorders per path
+    max_swap_distance: int = 1  # a swap goes back at most this many stages below the highest
+    max_jump: int = 4  # no jump of more than this many stages past the highest visited
+    routes_from: Optional[str] = None  # a run directory whose routes.jsonl is replayed
+    replan_every: int = 0  # 0: re-plan only when the live state changes; k: also every k steps
+    seed: Optional[int] = None  # routing seed; None: run.seed
+    search_budget_s: float = 5.0  # time limit of the collision-aware search per plan
+
+
+@dataclass
+class TopologyConfig:
+    file: Optional[str] = None  # a topology YAML; replaces the inline description below
+    regions: Optional[Any] = None  # inline {names, latency_ms, bandwidth_gbps}
+    nodes: Optional[Any] = None  # inline list of {name, region, speed, memory_gb}
+    generate: Optional[Any] = None  # {count, placement: round_robin|random|single, seed, regions_file}
+
+
+@dataclass
+class CostConfig:
+    fwd_s_per_sample_layer: Optional[float] = None  # None: from model FLOPs and node speed
+    flops_per_s: float = 5e10  # effective FLOP/s of a node with speed 1.0 (for the FLOP model)
+    bwd_factor: float = 1.5
+    loss_factor: float = 0.25
+    message_overhead_s: float = 0.0  # added to every off-node transfer (the paper used 0.35)
+    bytes_per_element: int = 4
+    emulate_links: bool = True  # runtime: delay messages by latency + bytes / bandwidth
+    measured_ewma: float = 0.3  # weight of a new measurement in the smoothed cost
+    grad_sync: bool = True  # simulate each stage's gradient all-reduce after its last backward
+
+
+@dataclass
+class RunConfig:
+    name: Optional[str] = None  # None: the config file's stem
+    dir: Optional[str] = None  # output directory; None: runs/<name>
+    seed: int = 0
+    resume: bool = False
+    log_level: str = "info"
+    threads: int = 1  # torch threads per rank; bitwise determinism holds at a fixed count
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "auto"  # auto: online when WANDB_API_KEY is set, else offline; or disabled
+    project: str = "skippipe"
+    entity: Optional[str] = None
+    name: Optional[str] = None
+    group: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class TrackingConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    progress: bool = True
+    log_every: int = 1
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # 0: no periodic checkpoints
+    keep: int = 3
+
+
+@dataclass
+class VerifyConfig:
+    level: str = "states"  # off, states (params, optimizer, data, routes), full (+ activations)
+
+
+@dataclass
+class KillConfig:
+    step: Optional[int] = None
+    node: Optional[str] = None
+
+
+@dataclass
+class CorruptConfig:
+    step: Optional[int] = None
+    node: Optional[str] = None
+    tensor: str = "param"  # param, grad or act
+
+
+@dataclass
+class FaultConfig:
+    kill: KillConfig = field(default_factory=KillConfig)
+    slow_nodes: Dict[str, float] = field(default_factory=dict)  # node name -> slowdown factor
+    replace: bool = False
+    corrupt: CorruptConfig = field(default_factory=CorruptConfig)
+    slow_threshold: float = 1.5  # measured/planned time above which a node counts as slow
+    heartbeat_s: float = 2.0
+
+
+@dataclass
+class RuntimeConfig:
+    backend: str = "auto"  # auto (nccl with CUDA, else gloo), gloo, nccl
+    timeout_s: float = 60.0  # every blocking receive and collective
+    master_addr: str = "127.0.0.1"
+    master_port: Optional[int] = None  # None: a free port
+
+
+@dataclass
+class RayConfig:
+    address: Optional[str] = None  # None: a local ray.init()
+    placement_strategy: str = "PACK"  # PACK on one box, SPREAD across machines
+    use_gpu: bool = False
+    num_cpus_per_worker: float = 1.0
+
+
+@dataclass
+class Config:
+    launcher: str = "inprocess"  # inprocess, local, ray
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    topology: TopologyConfig = field(default_factory=TopologyConfig)
+    cost: CostConfig = field(default_factory=CostConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    verify: VerifyConfig = field(default_factory=VerifyConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def _valid_keys(node: Any, prefix: str = "") -> List[str]:
+    """Dotted names of every leaf key under a dataclass type (for 'unknown key' messages)."""
+    keys = []
+    for f in dataclasses.fields(node):
+        name = f"{prefix}{f.name}"
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(default):
+            keys.extend(_valid_keys(type(default), name + "."))
+        else:
+            keys.append(name)
+    return keys
+
+
+def valid_keys() -> List[str]:
+    return _valid_keys(Config)
+
+
+def _unknown_key_message(full_key: str) -> str:
+    keys = valid_keys()
+    parent = full_key.rsplit(".", 1)[0] if "." in full_key else ""
+    siblings = [k for k in keys if parent and k.startswith(parent + ".")]
+    if siblings:
+        return f"unknown config key '{full_key}'; valid keys under '{parent}': {', '.join(sorted(siblings))}"
+    groups = sorted({k.split(".")[0] for k in keys})
+    return f"unknown config key '{full_key}'; top-level keys are: {', '.join(groups)}"
+
+
+def _omegaconf_error(err: Exception, origin: str) -> ConfigError:
+    full_key = getattr(err, "full_key", None) or ""
+    if isinstance(err, (oc_errors.ConfigKeyError, oc_errors.ConfigAttributeError)):
+        return ConfigError(f"{origin}: {_unknown_key_message(full_key)}")
+    if isinstance(err, oc_errors.ValidationError):
+        value = getattr(err, "msg", str(err)).splitlines()[0]
+        return ConfigError(f"{origin}: bad value for '{full_key}': {value}")
+    return ConfigError(f"{origin}: {str(err).splitlines()[0]}")
+
+
+# fields whose values are free-form mappings: any sub-key is allowed under them
+_OPEN_FIELDS = ("fault.slow_nodes", "topology.regions", "topology.nodes", "topology.generate")
+
+
+def _check_override_key(key: str) -> None:
+    key = key.lstrip("+~")
+    keys = set(valid_keys())
+    if key in keys or any(key.startswith(open_ + ".") for open_ in _OPEN_FIELDS):
+        return
+    groups = {k.split(".")[0] for k in keys}
+    if key in groups:
+        raise ConfigError(f"'{key}' is a config group, not a value; set one of its keys, e.g. "
+                          f"{next(k for k in sorted(keys) if k.startswith(key + '.'))}=...")
+    raise ConfigError(f"command line: {_unknown_key_message(key)}")
+
+
+def parse_overrides(overrides: List[str]) -> DictConfig:
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"bad override '{item}': write key=value, e.g. train.steps=20")
+        _check_override_key(item.split("=", 1)[0])
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except Exception as err:  # omegaconf grammar errors
+        raise ConfigError(f"bad override: {str(err).splitlines()[0]}") from None
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> Config:
+    """Build and check a Config from an optional YAML file and ``key=value`` overrides."""
+    schema = OmegaConf.structured(Config)
+    cfg = schema
+    stem = None
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{path}' does not exist; pass an existing YAML, e.g. configs/tiny.yaml")
+        try:
+            file_cfg = OmegaConf.load(p)
+        except Exception as err:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {str(err).splitlines()[0]}") from None
+        if not isinstance(file_cfg, DictConfig):
+            raise ConfigError(f"config file '{path}' must hold a mapping of config groups")
+        try:
+            cfg = OmegaConf.merge(cfg, file_cfg)
+        except Exception as err:
+            raise _omegaconf_error(err, path) from None
+        stem = p.stem
+    dotlist = parse_overrides(list(overrides or []))
+    # topology.file given on the command line replaces whatever topology the file describes
+    if OmegaConf.select(dotlist, "topology.file") is not None:
+        cfg.topology.regions = None
+        cfg.topology.nodes = None
+        cfg.topology.generate = None
+    try:
+        cfg = OmegaConf.merge(cfg, dotlist)
+    except Exception as err:
+        raise _omegaconf_error(err, "command line") from None
+    obj: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    if obj.run.name is None:
+        obj.run.name = stem or "default"
+    check_config(obj)
+    return obj
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Config) -> Dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def from_dict(data: Dict[str, Any]) -> Config:
+    """Rebuild a Config from ``to_dict`` output (e.g. a saved runs/<name>/config.yaml)."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(data))
+    except Exception as err:
+        raise _omegaconf_error(err, "saved config") from None
+    obj: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    check_config(obj)
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------
+# cross-field checks
+
+
+def num_stages(cfg: Config) -> int:
+    return len(cfg.schedule.partition_sizes) or cfg.schedule.num_stages
+
+
+def stages_visited(num_stages_: int, skip_ratio: float) -> int:
+    """L = S - round(skip_ratio * S), rounding halves up (SkipPipe: 6 stages at 33% -> 4)."""
+    skipped = int(math.floor(skip_ratio * num_stages_ + 0.5 + 1e-9))
+    return num_stages_ - skipped
+
+
+def _choice(value: str, allowed, key: str) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}; set {key} to one of them")
+
+
+def _positive(value, key: str, fix: str = "") -> None:
+    if value is None or value <= 0:
+        raise ConfigError(f"{key}={value} must be > 0{'; ' + fix if fix else ''}")
+
+
+def check_config(cfg: Config) -> None:
+    """Cross-field checks, once at startup; each failure names the key, the numbers and the fix."""
+    from skippipe.model.presets import resolve_model_spec
+
+    _choice(cfg.launcher, LAUNCHERS, "launcher")
+    _choice(cfg.schedule.method, METHODS, "schedule.method")
+    _choice(cfg.verify.level, VERIFY_LEVELS, "verify.level")
+    _choice(cfg.tracking.wandb.mode, WANDB_MODES, "tracking.wandb.mode")
+    _choice(cfg.data.source, DATA_SOURCES, "data.source")
+    _choice(cfg.data.tokenizer, TOKENIZERS, "data.tokenizer")
+    _choice(cfg.fault.corrupt.tensor, ("param", "grad", "act"), "fault.corrupt.tensor")
+    if cfg.train.steps < 0:
+        raise ConfigError(f"train.steps={cfg.train.steps} must be >= 0")
+    _positive(cfg.train.samples_per_microbatch, "train.samples_per_microbatch")
+    _positive(cfg.schedule.microbatches_per_originator, "schedule.microbatches_per_originator",
+              "every stage-0 node starts at least one microbatch per iteration")
+    _positive(cfg.schedule.memory, "schedule.memory", "a node must hold at least one microbatch")
+    _positive(cfg.runtime.timeout_s, "runtime.timeout_s")
+    if not 0.0 < cfg.data.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be in (0, 1)")
+    if any(size <= 0 for size in cfg.schedule.partition_sizes):
+        raise ConfigError(f"schedule.partition_sizes={list(cfg.schedule.partition_sizes)} must be all > 0")
+    stages = num_stages(cfg)
+    _positive(stages, "schedule.num_stages")
+    spec = resolve_model_spec(cfg.model, vocab_size=cfg.model.vocab_size or 256)
+    if stages > spec.n_layers:
+        raise ConfigError(
+            f"{stages} stages > model.n_layers={spec.n_layers}: every stage needs a layer; "
+            f"set schedule.num_stages <= {spec.n_layers} or raise model.n_layers")
+    if not 0.0 <= cfg.schedule.skip_ratio < 1.0:
+        raise ConfigError(f"schedule.skip_ratio={cfg.schedule.skip_ratio} must be in [0, 1)")
+    visited = stages_visited(stages, cfg.schedule.skip_ratio)
+    if visited < 2 and stages >= 2:
+        raise ConfigError(
+            f"schedule.skip_ratio={cfg.schedule.skip_ratio} leaves {visited} of {stages} stages per "
+            f"microbatch; at least 2 must be visited: lower schedule.skip_ratio")
+    if cfg.data.source in ("files", "tokens"):
+        _check_data_path(cfg.data.path, f"data.path (data.source={cfg.data.source})")
+    if cfg.data.source == "hf" and not cfg.data.hf_name:
+        raise ConfigError("data.source=hf needs data.hf_name (a dataset name or a local dataset directory)")
+    if cfg.topology.file is not None and not Path(cfg.topology.file).is_file():
+        raise ConfigError(f"topology.file '{cfg.topology.file}' does not exist; "
+                          "point it at a topology YAML such as configs/topology/geo2.yaml")
+    if cfg.schedule.routes_from is not None and not (Path(cfg.schedule.routes_from) / "routes.jsonl").is_file():
+        raise ConfigError(f"schedule.routes_from: '{cfg.schedule.routes_from}/routes.jsonl' does not exist; "
+                          "point it at a finished run directory")
+    for node, factor in cfg.fault.slow_nodes.items():
+        if factor <= 0:
+            raise ConfigError(f"fault.slow_nodes.{node}={factor} must be > 0 (5.0 means five times slower)")
+    if (cfg.fault.kill.step is None) != (cfg.fault.kill.node is None):
+        raise ConfigError("fault.kill needs both step and node, e.g. fault.kill.step=5 fault.kill.node=n2")
+    if (cfg.fault.corrupt.step is None) != (cfg.fault.corrupt.node is None):
+        raise ConfigError("fault.corrupt needs both step and node, e.g. fault.corrupt.step=7 fault.corrupt.node=n2")
+    if cfg.run.threads <= 0:
+        raise ConfigError(f"run.threads={cfg.run.threads} must be >= 1")
+    if cfg.run.name is not None and not re.fullmatch(r"[A-Za-z0-9._-]+", cfg.run.name):
+        raise ConfigError(f"run.name={cfg.run.name!r} may hold only letters, digits, '.', '_' and '-'")
+
+
+def _check_data_path(path: Optional[str], key: str) -> None:
+    import glob
+
+    if not path:
+        raise ConfigError(f"{key} is not set; give a file, directory or glob")
+    if not glob.glob(str(Path(path).expanduser()), recursive=True):
+        raise ConfigError(f"{key}: '{path}' does not exist; give an existing file, directory or glob")
+
+
+def run_dir(cfg: Config) -> Path:
+    return Path(cfg.run.dir) if cfg.run.dir else Path("runs") / str(cfg.run.name)

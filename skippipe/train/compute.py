@@ -1,0 +1,168 @@
+"""The per-microbatch compute of one node, shared by every executor.
+
+The in-process reference executor and the distributed worker call exactly these functions, so the
+two run the same floating-point operations in the same order and agree bit for bit at a fixed thread
+count. A node's work on one microbatch has up to three phases (DESIGN.md section 6):
+
+- ``F`` forward: stage 0 embeds tokens and runs its block; any other stage runs its block on the
+  received hidden state. The output is kept (with its graph) until the backward.
+- ``L`` loss at the originator: final norm, LM head, cross entropy; yields the gradient of the
+  hidden state that arrived back, to send along the reverse path.
+- ``B`` backward: given the gradient of this node's forward output, the gradient of its input (to
+  send back) and of its parameters.
+
+Gradients are flat float vectors over ``stage.parameters()`` in order, and a node accumulates them
+in microbatch-id order, whatever order the microbatches arrive in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from skippipe.model.transformer import Stage
+
+
+def head_params(stage: Stage) -> List[torch.nn.Parameter]:
+    return [*stage.norm.parameters(), *stage.head.parameters()]
+
+
+def body_params(stage: Stage) -> List[torch.nn.Parameter]:
+    """Parameters used by the forward phase (stage 0: embedding and its blocks)."""
+    if stage.stage_id == 0:
+        return [*stage.embed.parameters(), *stage.blocks.parameters()]
+    return list(stage.blocks.parameters())
+
+
+def flat_param_index(stage: Stage) -> Dict[int, Tuple[int, int]]:
+    """id(param) -> (offset, numel) in the flat gradient vector (stage.parameters() order)."""
+    out, offset = {}, 0
+    for p in stage.parameters():
+        out[id(p)] = (offset, p.numel())
+        offset += p.numel()
+    return out
+
+
+@dataclass
+class Saved:
+    """What a node keeps between a microbatch's forward and its backward."""
+
+    inp: Optional[torch.Tensor]  # the received hidden state (None at the originator)
+    out: torch.Tensor  # this node's forward output, with its graph
+
+
+def forward(stage: Stage, hidden_or_tokens: torch.Tensor) -> Tuple[torch.Tensor, Saved]:
+    """Phase F. Returns (activation to send, saved state). Shapes: tokens (b, t); hidden (b, t, d)."""
+    with torch.enable_grad():
+        if stage.stage_id == 0 and not hidden_or_tokens.is_floating_point():
+            out = stage(stage.embed_tokens(hidden_or_tokens))
+            return out.detach(), Saved(None, out)
+        inp = hidden_or_tokens.detach().requires_grad_(True)
+        out = stage(inp)
+    return out.detach(), Saved(inp, out)
+
+
+def loss_and_head_grads(stage: Stage, hidden: torch.Tensor, targets: torch.Tensor):
+    """Phase L at the originator. Returns (loss value, grad of ``hidden``, head parameter grads)."""
+    with torch.enable_grad():
+        inp = hidden.detach().requires_grad_(True)
+        loss = stage.loss(inp, targets)
+        params = head_params(stage)
+        grads = torch.autograd.grad(loss, [inp, *params])
+    return loss.detach(), grads[0], list(grads[1:])
+
+
+def backward(stage: Stage, saved: Saved, grad_out: torch.Tensor):
+    """Phase B. Returns (grad of the input hidden state or None at stage 0, body parameter grads)."""
+    params = body_params(stage)
+    inputs = params if saved.inp is None else [saved.inp, *params]
+    grads = torch.autograd.grad(saved.out, inputs, grad_outputs=grad_out)
+    if saved.inp is None:
+        return None, list(grads)
+    return grads[0], list(grads[1:])
+
+
+@dataclass
+class GradAccumulator:
+    """Sum of one node's per-microbatch gradients, added strictly in microbatch-id order.
+
+    ``expected`` lists the microbatch ids that visit this node; a gradient that arrives early waits
+    in ``pending`` until every smaller id has been added (DESIGN.md section 6: bitwise reproducible
+    whatever the arrival order).
+    """
+
+    stage: Stage
+    expected: List[int]
+    total: torch.Tensor = field(init=False)
+    pending: Dict[int, Dict[int, torch.Tensor]] = field(default_factory=dict)
+    next_index: int = 0
+
+    def __post_init__(self):
+        numel = sum(p.numel() for p in self.stage.parameters())
+        ref = next(self.stage.parameters())
+        self.total = torch.zeros(numel, dtype=ref.dtype, device=ref.device)
+        self.expected = sorted(self.expected)
+        self._index = flat_param_index(self.stage)
+
+    def add(self, microbatch_id: int, params: List[torch.nn.Parameter], grads: List[torch.Tensor]) -> None:
+        """Record (part of) a microbatch's gradient; phases L and B each give a disjoint part."""
+        part = self.pending.setdefault(microbatch_id, {})
+        for p, g in zip(params, grads):
+            part[id(p)] = g
+
+    def complete(self, microbatch_id: int) -> None:
+        """Mark a microbatch's gradient as whole; fold in every complete gradient that is next in order."""
+        self.pending[microbatch_id]["done"] = True  # type: ignore[assignment]
+        while self.next_index < len(self.expected):
+            mb = self.expected[self.next_index]
+            part = self.pending.get(mb)
+            if part is None or "done" not in part:
+                break
+            flat = torch.zeros_like(self.total)
+            for key, grad in part.items():
+                if key == "done":
+                    continue
+                offset, numel = self._index[key]
+                flat[offset:offset + numel] = grad.reshape(-1)
+            self.total = self.total + flat
+            del self.pending[mb]
+            self.next_index += 1
+
+    def result(self) -> torch.Tensor:
+        if self.next_index != len(self.expected):
+            missing = self.expected[self.next_index:]
+            raise RuntimeError(f"stage {self.stage.stage_id}: gradients of microbatches {missing} never completed")
+        return self.total
+
+
+def reduce_replicas(node_totals: List[torch.Tensor], num_microbatches: int) -> torch.Tensor:
+    """A stage's gradient: replica sums added in allocation order, then divided by the iteration's
+    microbatch count (DESIGN.md section 6: replicas combine by sum; a skip contributes zero)."""
+    total = torch.zeros_like(node_totals[0])
+    for node_total in node_totals:
+        total = total + node_total
+    return total / num_microbatches
+
+
+def grad_sq_norm(flat_grad: torch.Tensor) -> torch.Tensor:
+    return flat_grad.double().pow(2).sum()
+
+
+def clip_coefficient(stage_sq_norms: List[torch.Tensor], max_norm: float) -> Tuple[float, float]:
+    """Global norm over all stages, summed in stage order; returns (norm, scale <= 1)."""
+    total = torch.zeros((), dtype=torch.float64)
+    for sq in stage_sq_norms:
+        total = total + sq.to(torch.float64).cpu()
+    norm = float(total.sqrt())
+    if max_norm <= 0:
+        return norm, 1.0
+    return norm, min(1.0, max_norm / (norm + 1e-6))
+
+
+def set_flat_grads(stage: Stage, flat_grad: torch.Tensor) -> None:
+    offset = 0
+    for p in stage.parameters():
+        p.grad = flat_grad[offset:offset + p.numel()].view_as(p).clone()
+        offset += p.numel()

@@ -1,0 +1,79 @@
+import pytest
+
+from skippipe.cli import main
+from skippipe.config import load_config, stages_visited, to_yaml
+from skippipe.errors import ConfigError
+
+
+def test_defaults_and_overrides():
+    cfg = load_config(None, ["train.steps=7", "schedule.partition_sizes=[2,1,1]", "run.seed=5"])
+    assert cfg.train.steps == 7
+    assert list(cfg.schedule.partition_sizes) == [2, 1, 1]
+    assert cfg.run.seed == 5
+    assert cfg.run.name == "default"
+
+
+def test_yaml_file_then_overrides_win(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("train:\n  steps: 3\n  lr: 0.5\n")
+    cfg = load_config(str(path), ["train.lr=0.25"])
+    assert (cfg.train.steps, cfg.train.lr, cfg.run.name) == (3, 0.25, "exp")
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["train.steps=9"])
+    path = tmp_path / "c.yaml"
+    path.write_text(to_yaml(cfg))
+    assert load_config(str(path)).train.steps == 9
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["bogus.key=1"], ["unknown config key 'bogus.key'"]),
+    (["train.stepz=1"], ["unknown config key 'train.stepz'", "train.steps"]),
+    (["train.steps=abc"], ["train.steps"]),
+    (["schedule.method=magic"], ["schedule.method", "skippipe"]),
+    (["schedule.num_stages=9"], ["9 stages > model.n_layers=8"]),
+    (["schedule.skip_ratio=0.8"], ["schedule.skip_ratio=0.8 leaves 1 of 4", "lower schedule.skip_ratio"]),
+    (["schedule.microbatches_per_originator=0"], ["schedule.microbatches_per_originator=0 must be > 0"]),
+    (["train.samples_per_microbatch=0"], ["train.samples_per_microbatch"]),
+    (["data.source=files", "data.path=/no/such/file.txt"], ["data.path", "/no/such/file.txt", "does not exist"]),
+    (["topology.file=/no/such.yaml"], ["topology.file", "/no/such.yaml"]),
+    (["fault.kill.step=3"], ["fault.kill needs both step and node"]),
+    (["launcher=slurm"], ["launcher", "inprocess"]),
+])
+def test_bad_values_name_key_and_fix(overrides, words):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    message = str(err.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="config file 'nope.yaml' does not exist"):
+        load_config("nope.yaml")
+
+
+def test_unknown_key_in_yaml_names_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  stepz: 3\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown config key 'train.stepz'"):
+        load_config(str(path))
+
+
+def test_cli_exits_2_with_one_line(capsys):
+    assert main(["train", "configs/tiny.yaml", "bogus.key=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "bogus.key" in err and len(err.splitlines()) == 1
+
+
+def test_cli_bad_argument_exits_2(capsys):
+    assert main(["train", "--no-such-flag"]) == 2
+    assert "unrecognized arguments" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("num_stages, ratio, visited", [(6, 0.33, 4), (8, 0.25, 6), (4, 0.25, 3), (8, 0.5, 4),
+                                                        (4, 0.0, 4)])
+def test_stages_visited(num_stages, ratio, visited):
+    assert stages_visited(num_stages, ratio) == visited
