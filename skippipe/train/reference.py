@@ -85,13 +85,8 @@ class ReferenceExecutor:
         mean = sum(losses[i] for i in sorted(losses)) / len(losses)
         return StepResult(mean, losses, norm)
 
-    @torch.no_grad()
     def evaluate(self, batches, stage_path=None) -> float:
         """Mean validation loss over ``batches`` along ``stage_path`` (default: every stage in order)."""
-        from skippipe.model.transformer import forward_path
+        from skippipe.train.evaluate import evaluate
 
-        path = list(range(1, len(self.stages))) if stage_path is None else list(stage_path)
-        total = 0.0
-        for inputs, targets in batches:
-            total += float(forward_path(self.stages, inputs.to(self.device), targets.to(self.device), path))
-        return total / max(1, len(batches))
+        return evaluate(self.stages, batches, stage_path, self.device)

@@ -1,0 +1,1 @@
+"""Distributed runtime: coordinator, workers, transport, control channel and launchers."""

@@ -1,0 +1,82 @@
+"""The control channel between the coordinator and the workers: a TCPStore with JSON values.
+
+Small messages only (DESIGN.md section 2): the resolved config and node list, one command per step
+(the plan and learning rate, or stop), one report per worker per step, errors, and heartbeats. The
+data-plane process group of each generation is built on a prefix of the same store, so survivors
+can form a new group after a failure without a new rendezvous service.
+
+Keys (under the prefix ``skippipe/``):
+``config`` -> {config, nodes}; ``cmd/<step>`` -> {step, generation, lr, plan} or {stop: true};
+``report/<step>/<rank>`` -> worker report; ``error/<rank>`` -> one-line error; ``hb/<rank>`` -> time.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import timedelta
+from typing import Any, Dict, Optional
+
+import torch.distributed as dist
+
+PREFIX = "skippipe"
+
+
+def connect_store(host: str, port: int, is_master: bool, timeout_s: float) -> dist.TCPStore:
+    """A TCPStore server (coordinator side) or client (workers). Port 0 picks a free port."""
+    return dist.TCPStore(host, port, world_size=None, is_master=is_master, timeout=timedelta(seconds=timeout_s),
+                         wait_for_workers=False)
+
+
+class ControlChannel:
+    def __init__(self, store: dist.Store, timeout_s: float):
+        self.raw = store
+        self.store = dist.PrefixStore(PREFIX, store)
+        self.timeout_s = timeout_s
+
+    # -- generic ------------------------------------------------------------------------------
+    def put(self, key: str, value: Any) -> None:
+        self.store.set(key, json.dumps(value))
+
+    def has(self, key: str) -> bool:
+        return self.store.check([key])
+
+    def get_now(self, key: str) -> Any:
+        return json.loads(self.store.get(key))
+
+    def wait_for(self, key: str, timeout_s: Optional[float] = None, poll_s: float = 0.002,
+                  abort=None) -> Any:
+        """Wait for ``key``; ``abort()`` may raise to stop waiting (e.g. a dead peer)."""
+        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
+        while not self.store.check([key]):
+            if abort is not None:
+                abort()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"control: nothing arrived for '{key}' within "
+                                   f"{self.timeout_s if timeout_s is None else timeout_s:.0f} s")
+            time.sleep(poll_s)
+            poll_s = min(poll_s * 1.5, 0.05)
+        return self.get_now(key)
+
+    # -- protocol -----------------------------------------------------------------------------
+    def publish_config(self, config: Dict[str, Any], nodes) -> None:
+        self.put("config", {"config": config, "nodes": list(nodes)})
+
+    def command(self, step: int, payload: Dict[str, Any]) -> None:
+        self.put(f"cmd/{step}", payload)
+
+    def report(self, step: int, rank: int, payload: Dict[str, Any]) -> None:
+        self.put(f"report/{step}/{rank}", payload)
+
+    def error(self, rank: int, message: str) -> None:
+        self.put(f"error/{rank}", message)
+
+    def first_error(self, world_size: int) -> Optional[tuple]:
+        keys = [f"error/{r}" for r in range(world_size)]
+        for rank, key in enumerate(keys):
+            if self.store.check([key]):
+                return rank, self.get_now(key)
+        return None
+
+    def heartbeat(self, rank: int) -> None:
+        self.put(f"hb/{rank}", time.time())

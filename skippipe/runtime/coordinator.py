@@ -1,0 +1,304 @@
+"""The coordinator: owns the training loop for every launcher.
+
+Each iteration it asks the planner for the plan (the same ``route`` the simulator uses), hands it to
+an executor, gathers the outcome (losses, measured compute and transfer times), feeds the measured
+times back into the cost model, logs metrics and the executed route. Two executors share this loop:
+
+- :class:`InProcessExecutor` (``launcher=inprocess``): the reference executor, every stage here;
+- :class:`RemoteExecutor` (``local``, torchrun, ``ray``): worker processes over the control channel.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+
+from skippipe.config import Config, run_dir, to_dict, to_yaml
+from skippipe.plan import Plan, write_text_atomic
+
+log = logging.getLogger("skippipe")
+
+
+@dataclass
+class StepOutcome:
+    losses: Dict[int, float]
+    grad_norm: float
+    node_reports: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def loss(self) -> float:
+        return sum(self.losses[i] for i in sorted(self.losses)) / max(1, len(self.losses))
+
+
+class WorkerFailed(RuntimeError):
+    """A worker raised, died or went silent; the message names the node and the cause."""
+
+    def __init__(self, message: str, node: Optional[str] = None):
+        super().__init__(message)
+        self.node = node
+
+
+# ---------------------------------------------------------------------------------------------
+# executors
+
+
+class InProcessExecutor:
+    """Every stage in this process (the reference executor of DESIGN.md section 6)."""
+
+    def __init__(self, cfg: Config, spec, num_stages: int, device: str):
+        from skippipe.train.reference import ReferenceExecutor
+
+        self.cfg = cfg
+        self.reference = ReferenceExecutor(spec, num_stages, cfg.run.seed, cfg.train, device=device)
+
+    def start(self, nodes: List[str], vocab_size: int) -> None:
+        self.data = None
+
+    def step(self, plan: Plan, step: int, lr: float, data) -> StepOutcome:
+        cfg = self.cfg
+        mbs = [data.microbatch(cfg.run.seed, step, r.id, cfg.train.samples_per_microbatch,
+                               self.reference.spec.seq_len) for r in plan.microbatches]
+        result = self.reference.step(plan, mbs, lr)
+        return StepOutcome(result.losses, result.grad_norm)
+
+    def finish(self, out: Path):
+        _save_stages(out / "final", self.reference.stages)
+        return self.reference.stages
+
+    def close(self) -> None:
+        pass
+
+
+class RemoteExecutor:
+    """Worker processes (local, torchrun or Ray) driven over the control channel."""
+
+    def __init__(self, cfg: Config, control, world_size: int, liveness: Optional[Callable[[], Dict[int, int]]] = None):
+        self.cfg = cfg
+        self.control = control
+        self.world_size = world_size
+        self.liveness = liveness  # rank -> exit code for every worker that has exited
+        self.command_index = 0
+        self.generation = 0
+
+    def start(self, nodes: List[str], vocab_size: int) -> None:
+        if len(nodes) != self.world_size:
+            from skippipe.errors import UserError
+
+            raise UserError(f"the topology has {len(nodes)} nodes but {self.world_size} workers were started; "
+                            f"start exactly {len(nodes)} (e.g. torchrun --nproc_per_node={len(nodes)})")
+        self.nodes = nodes
+        self.control.put("config", {"config": to_dict(self.cfg), "nodes": nodes, "vocab_size": vocab_size})
+
+    def _check_health(self) -> None:
+        first = self.control.first_error(self.world_size)
+        if first is not None:
+            time.sleep(0.3)  # let the other errors land, then blame the root cause, not its neighbours
+            errors = [(r, self.control.get_now(f"error/{r}")) for r in range(self.world_size)
+                      if self.control.has(f"error/{r}")]
+            rank, info = sorted(errors, key=lambda e: (e[1].get("peer") is not None, e[0]))[0]
+            raise WorkerFailed(f"worker {self.nodes[rank]} (rank {rank}) failed: {info['message']}", self.nodes[rank])
+        if self.liveness is not None:
+            exited = self.liveness()
+            if exited:
+                rank, code = sorted(exited.items())[0]
+                raise WorkerFailed(f"worker {self.nodes[rank]} (rank {rank}) exited with code {code}",
+                                   self.nodes[rank])
+
+    def _gather(self, index: int) -> Dict[int, Dict[str, Any]]:
+        reports = {}
+        for rank in range(self.world_size):
+            try:
+                reports[rank] = self.control.wait_for(f"report/{index}/{rank}", abort=self._check_health,
+                                                      timeout_s=self.cfg.runtime.timeout_s * 2)
+            except TimeoutError:
+                raise WorkerFailed(f"worker {self.nodes[rank]} (rank {rank}) sent no report within "
+                                   f"{self.cfg.runtime.timeout_s * 2:.0f} s (runtime.timeout_s)", self.nodes[rank]) from None
+        return reports
+
+    def step(self, plan: Plan, step: int, lr: float, data=None) -> StepOutcome:
+        index = self.command_index
+        self.control.command(index, {"step": step, "generation": self.generation, "lr": lr, "plan": plan.to_dict()})
+        reports = self._gather(index)
+        self.command_index += 1
+        losses = {int(k): v for r in reports.values() for k, v in r["losses"].items()}
+        missing = sorted({mb.id for mb in plan.microbatches} - set(losses))
+        if missing:
+            raise WorkerFailed(f"step {step}: no loss came back for microbatches {missing}")
+        norm = next(iter(reports.values()))["grad_norm"]
+        return StepOutcome(losses, norm, {r["node"]: r for r in reports.values()})
+
+    def finish(self, out: Path):
+        index = self.command_index
+        self.control.command(index, {"stop": True, "save_dir": str(out)})
+        self._gather(index)
+        self.command_index += 1
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+def _save_stages(target: Path, stages) -> None:
+    """Tensors only, so they load with torch.load(weights_only=True); temp name then rename."""
+    target.mkdir(parents=True, exist_ok=True)
+    for k, stage in stages.items():
+        tmp = target / f".stage{k}.pt.tmp"
+        torch.save({name: t.detach().cpu() for name, t in stage.state_dict().items()}, tmp)
+        tmp.replace(target / f"stage{k}.pt")
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics
+
+
+def route_stats(plan: Plan) -> Dict[str, float]:
+    """Achieved skip ratio, swaps and per-stage coverage of a plan (STYLE.md metric names)."""
+    stage_of = plan.stage_of()
+    visited, swaps = 0, 0
+    coverage = [0] * plan.num_stages
+    for mb in plan.microbatches:
+        stages = [stage_of[n] for n in mb.path]
+        visited += 1 + len(stages)
+        coverage[0] += 1
+        highest = 0
+        for s in stages:
+            coverage[s] += 1
+            swaps += s < highest
+            highest = max(highest, s)
+    count = max(1, len(plan.microbatches))
+    stats: Dict[str, float] = {"route/skip_ratio": 1.0 - visited / (count * plan.num_stages), "route/swaps": swaps}
+    for s in range(plan.num_stages):
+        stats[f"stage/{s}/coverage"] = coverage[s] / count
+    return stats
+
+
+def measured_stats(outcome: StepOutcome, plan: Plan, iter_s: float) -> Dict[str, float]:
+    """Busy fraction per stage from the workers' measured compute times."""
+    if not outcome.node_reports:
+        return {}
+    stage_of = plan.stage_of()
+    busy: Dict[int, List[float]] = {}
+    for node, report in outcome.node_reports.items():
+        if node in stage_of:
+            busy.setdefault(stage_of[node], []).append(sum(report["compute_s"].values()) / max(iter_s, 1e-9))
+    stats = {f"stage/{s}/busy_frac": sum(v) / len(v) for s, v in sorted(busy.items())}
+    stats["time/recv_wait_s"] = max(r["recv_wait_s"] for r in outcome.node_reports.values())
+    stats["memory/peak_rss_mb"] = max(r["peak_rss_mb"] for r in outcome.node_reports.values())
+    return stats
+
+
+def observe_measurements(planner, outcome: StepOutcome, plan: Plan) -> None:
+    """Fold measured per-phase compute times into the cost model (EWMA), so re-plans follow reality."""
+    cost = planner.cost
+    if not hasattr(cost, "observe_compute"):
+        return
+    stage_of = plan.stage_of()
+    for node, report in outcome.node_reports.items():
+        if node not in stage_of:
+            continue
+        for phase, total in report["compute_s"].items():
+            count = report["compute_n"][phase]
+            if count:
+                cost.observe_compute(node, stage_of[node], phase, total / count)
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+
+
+class Coordinator:
+    def __init__(self, cfg: Config, make_executor: Callable[..., Any]):
+        self.cfg = cfg
+        self.make_executor = make_executor
+
+    def run(self) -> Dict[str, Any]:
+        """Train ``train.steps`` steps; returns the final summary (also the last metrics line)."""
+        from skippipe.data import load_data
+        from skippipe.metrics import MetricsLogger
+        from skippipe.model.presets import resolve_model_spec
+        from skippipe.planner import Planner
+        from skippipe.routelog import RouteLog
+
+        cfg = self.cfg
+        out = run_dir(cfg)
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "config.yaml", to_yaml(cfg))
+        data = load_data(cfg.data)
+        spec = resolve_model_spec(cfg.model, vocab_size=data.vocab_size)
+        planner = Planner(cfg, spec)
+        executor = self.make_executor(spec, len(planner.allocation))
+        executor.start([n.name for n in planner.topology.nodes], data.vocab_size)
+        metrics, routes = MetricsLogger(out, cfg), RouteLog(out)
+        log.info("run %s: launcher %s, method %s, %d nodes, %d stages, model %s (%.2fM params), data %s",
+                 cfg.run.name, cfg.launcher, cfg.schedule.method, len(planner.topology.nodes),
+                 len(planner.allocation), cfg.model.preset, spec.params() / 1e6, data.description)
+        try:
+            summary = self._loop(planner, executor, data, spec, metrics, routes, out)
+        finally:
+            routes.close()
+            metrics.close()
+            executor.close()
+        log.info("done: %d steps in %.1f s, train loss %s, val loss %.4f (ppl %.2f) -> %s", cfg.train.steps,
+                 summary["time/wall_s"], _fmt(summary["loss/train"]), summary["loss/val"], summary["ppl/val"], out)
+        return summary
+
+    def _loop(self, planner, executor, data, spec, metrics, routes, out: Path) -> Dict[str, Any]:
+        from tqdm import tqdm
+
+        from skippipe.train.evaluate import evaluate, load_stages
+        from skippipe.train.optim import lr_at
+
+        cfg = self.cfg
+        samples = cfg.train.samples_per_microbatch
+        start = time.perf_counter()
+        record: Dict[str, Any] = {}
+        tokens = 0
+        bar = tqdm(range(cfg.train.steps), disable=not cfg.tracking.progress, desc="train", unit="step")
+        for step in bar:
+            t0 = time.perf_counter()
+            plan = planner.plan(step)
+            lr = lr_at(step, cfg.train)
+            outcome = executor.step(plan, step, lr, data)
+            iter_s = time.perf_counter() - t0
+            step_tokens = len(plan.microbatches) * samples * spec.seq_len
+            tokens += step_tokens
+            observe_measurements(planner, outcome, plan)
+            record = {"step": step, "loss/train": outcome.loss, "lr": lr, "grad_norm": outcome.grad_norm,
+                      "time/iter_s": iter_s, "time/predicted_iter_s": plan.predicted_makespan_s,
+                      "time/plan_s": planner.last_plan_s, "throughput/tokens_per_s": step_tokens / iter_s,
+                      **route_stats(plan), **measured_stats(outcome, plan, iter_s)}
+            metrics.log(record)
+            routes.record(step, plan, timings={n: {k: r[k] for k in ("compute_s", "recv_wait_s", "step_s")}
+                                               for n, r in outcome.node_reports.items()} or None)
+            bar.set_postfix(loss=f"{outcome.loss:.3f}", iter_s=f"{iter_s:.2f}",
+                            skip=f"{record['route/skip_ratio']:.2f}")
+        bar.close()
+        stages = executor.finish(out)
+        if stages is None:
+            stages = load_stages(out / "final", spec, len(planner.allocation), cfg.run.seed)
+        val = evaluate(stages, data.val_batches(cfg.train.eval_batches, samples, spec.seq_len),
+                       device=next(iter(stages.values())).embed.weight.device if 0 in stages else "cpu")
+        summary = {"step": cfg.train.steps, "loss/val": val, "ppl/val": math.exp(val),
+                   "loss/train": record.get("loss/train"), "time/wall_s": time.perf_counter() - start,
+                   "tokens": tokens}
+        metrics.log(summary)
+        metrics.summary(summary)
+        return summary
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def train_inprocess(cfg: Config) -> Dict[str, Any]:
+    from skippipe.train.loop import pin_threads, resolve_device
+
+    pin_threads(cfg.run.threads)
+    device = resolve_device(cfg.train.device)
+    return Coordinator(cfg, lambda spec, num_stages: InProcessExecutor(cfg, spec, num_stages, device)).run()

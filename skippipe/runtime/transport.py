@@ -1,0 +1,153 @@
+"""Point-to-point tensors between nodes, with an optional geo-link emulator.
+
+Each message is a fixed-size float64 header (magic, step, microbatch, kind, dtype, shape, send time)
+followed by the payload, both sent with ``isend`` under the same tag so that sends never block
+(a node can send to a peer that is itself sending). The receiver checks the header against what the
+plan says it expects, so a peer that sends the wrong step, microbatch, kind, shape or dtype is reported
+by name instead of corrupting training.
+
+Link emulation (``cost.emulate_links``): a message from node a to node b is handed to the receiver no
+earlier than ``latency(a, b) + bytes / bandwidth(a, b)`` after it was sent, FIFO per link, so a
+geo-distributed topology runs on one box (``tc netem`` is not needed). The receiver does the waiting,
+using the sender's timestamp from the header (one clock: all emulated nodes share a machine).
+
+Gloo matches messages by (source, tag); tags are unique per (microbatch, kind) inside a step and
+steps are separated by the gradient collectives, so arrival order does not matter. NCCL ignores tags
+and matches in order per pair: the plan's per-node order keeps sends and receives of one pair in the
+same order, and the header check turns any mismatch into a clear error.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+MAGIC = 5_170_117.0
+ACT, GRAD = 0, 1
+KIND_NAMES = {ACT: "activation", GRAD: "gradient"}
+_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+HEADER_LEN = 12  # magic, step, microbatch, kind, dtype, ndim, d0..d4, send_time
+
+
+class TransportError(RuntimeError):
+    """A peer failed, timed out, or sent a message that does not match the plan."""
+
+    def __init__(self, message: str, peer: Optional[str] = None):
+        super().__init__(message)
+        self.peer = peer
+
+
+@dataclass
+class LinkModel:
+    """One-way latency (s) and bandwidth (bytes/s) between two node names."""
+
+    latency_s: Callable[[str, str], float]
+    bandwidth_bytes_per_s: Callable[[str, str], float]
+
+
+def message_tag(microbatch_id: int, kind: int) -> int:
+    return 2 * microbatch_id + kind + 1
+
+
+class Transport:
+    """Tagged tensors between named nodes over a torch.distributed process group."""
+
+    def __init__(self, rank_of: Dict[str, int], me: str, device: torch.device, timeout_s: float,
+                 links: Optional[LinkModel] = None, group=None):
+        self.rank_of = rank_of
+        self.me = me
+        self.device = device
+        self.timeout = timedelta(seconds=timeout_s)
+        self.links = links
+        self.group = group
+        self._pending: List[Tuple[dist.Work, torch.Tensor]] = []
+        self._link_free_at: Dict[str, float] = {}
+        self.bytes_sent = 0
+        self.recv_wait_s = 0.0
+        self.emulated_delay_s = 0.0
+
+    # -- send -------------------------------------------------------------------------------
+    def send(self, tensor: torch.Tensor, dst: str, step: int, microbatch_id: int, kind: int) -> None:
+        tensor = tensor.contiguous()
+        if tensor.dim() > 5:
+            raise ValueError("transport: tensors of at most 5 dimensions")
+        shape = list(tensor.shape) + [0] * (5 - tensor.dim())
+        header = torch.tensor([MAGIC, step, microbatch_id, kind, _DTYPES.index(tensor.dtype), tensor.dim(),
+                               *shape, time.time()], dtype=torch.float64, device=self.device)
+        tag = message_tag(microbatch_id, kind)
+        peer = self.rank_of[dst]
+        for payload in (header, tensor):
+            work = dist.isend(payload, peer, group=self.group, tag=tag)
+            self._pending.append((work, payload))
+        self.bytes_sent += tensor.numel() * tensor.element_size()
+        self._reap()
+
+    def _reap(self) -> None:
+        """Drop finished sends (keeping their buffers alive until then)."""
+        self._pending = [(w, t) for w, t in self._pending if not w.is_completed()]
+
+    def flush(self) -> None:
+        """Wait for every outstanding send (end of step)."""
+        for work, _ in self._pending:
+            work.wait(self.timeout)
+        self._pending.clear()
+
+    # -- receive ----------------------------------------------------------------------------
+    def recv(self, src: str, step: int, microbatch_id: int, kind: int, shape: Tuple[int, ...],
+             dtype: torch.dtype) -> torch.Tensor:
+        """Receive the message the plan expects from ``src``; check its header; emulate the link."""
+        tag = message_tag(microbatch_id, kind)
+        peer = self.rank_of[src]
+        start = time.perf_counter()
+        header = torch.empty(HEADER_LEN, dtype=torch.float64, device=self.device)
+        self._wait(dist.irecv(header, peer, group=self.group, tag=tag), src, "header", microbatch_id, kind)
+        what = f"{KIND_NAMES[kind]} of microbatch {microbatch_id} (step {step}) from node {src}"
+        self._check_header(header.cpu().tolist(), step, microbatch_id, kind, shape, dtype, what, src)
+        payload = torch.empty(shape, dtype=dtype, device=self.device)
+        self._wait(dist.irecv(payload, peer, group=self.group, tag=tag), src, "payload", microbatch_id, kind)
+        self.recv_wait_s += time.perf_counter() - start
+        if self.links is not None and src != self.me:
+            self._emulate_link(src, float(header[-1]), payload.numel() * payload.element_size())
+        return payload
+
+    def _wait(self, work, src: str, part: str, microbatch_id: int, kind: int) -> None:
+        try:
+            ok = work.wait(self.timeout)
+        except RuntimeError as err:
+            raise TransportError(f"receiving the {KIND_NAMES[kind]} {part} of microbatch {microbatch_id} "
+                                 f"from node {src} failed: {str(err).splitlines()[0]}", peer=src) from None
+        if ok is False:
+            raise TransportError(f"timed out after {self.timeout.total_seconds():.0f} s waiting for the "
+                                 f"{KIND_NAMES[kind]} of microbatch {microbatch_id} from node {src}", peer=src)
+
+    @staticmethod
+    def _check_header(values, step, microbatch_id, kind, shape, dtype, what, src) -> None:
+        got_shape = tuple(int(v) for v in values[6:6 + int(values[5])])
+        problems = []
+        if values[0] != MAGIC:
+            problems.append("not a SkipPipe message")
+        elif int(values[1]) != step or int(values[2]) != microbatch_id or int(values[3]) != kind:
+            problems.append(f"got step {int(values[1])} microbatch {int(values[2])} kind {int(values[3])}")
+        elif got_shape != tuple(shape):
+            problems.append(f"shape {got_shape} != expected {tuple(shape)}")
+        elif _DTYPES[int(values[4])] != dtype:
+            problems.append(f"dtype {_DTYPES[int(values[4])]} != expected {dtype}")
+        if problems:
+            raise TransportError(f"bad message for the {what}: {problems[0]}; node {src} is excluded", peer=src)
+
+    def _emulate_link(self, src: str, sent_at: float, nbytes: int) -> None:
+        """Hold the message until latency + bytes/bandwidth after it was sent, FIFO on this link."""
+        bandwidth = self.links.bandwidth_bytes_per_s(src, self.me)
+        serialise_s = 0.0 if bandwidth == float("inf") else nbytes / bandwidth
+        on_wire = max(sent_at, self._link_free_at.get(src, 0.0)) + serialise_s
+        self._link_free_at[src] = on_wire
+        deliver_at = on_wire + self.links.latency_s(src, self.me)
+        delay = deliver_at - time.time()
+        if delay > 0:
+            time.sleep(delay)
+            self.emulated_delay_s += delay

@@ -1,0 +1,37 @@
+"""Validation loss of a set of stages along a path, and loading a run's saved stages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Optional, Sequence
+
+import torch
+
+from skippipe.errors import UserError
+from skippipe.model.transformer import Stage, build_stages, forward_path
+
+
+@torch.no_grad()
+def evaluate(stages: Dict[int, Stage], batches, stage_path: Optional[Sequence[int]] = None,
+             device: str | torch.device = "cpu") -> float:
+    """Mean loss over ``batches`` along ``stage_path`` (stages after 0; default: all in order)."""
+    path = list(range(1, len(stages))) if stage_path is None else list(stage_path)
+    total = 0.0
+    for inputs, targets in batches:
+        total += float(forward_path(stages, inputs.to(device), targets.to(device), path))
+    return total / max(1, len(batches))
+
+
+def load_stages(directory: Path, spec, num_stages: int, seed: int = 0) -> Dict[int, Stage]:
+    """Stages saved as ``stage<k>.pt`` (tensors only; loaded with weights_only=True)."""
+    stages = build_stages(spec, num_stages, seed)
+    for k, stage in stages.items():
+        path = Path(directory) / f"stage{k}.pt"
+        if not path.is_file():
+            raise UserError(f"'{path}' is missing; was the run finished?")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            stage.load_state_dict(state)
+        except Exception as err:
+            raise UserError(f"'{path}' is not a stage checkpoint of this model: {str(err).splitlines()[0]}") from None
+    return stages
