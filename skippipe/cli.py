@@ -12,7 +12,7 @@ import logging
 import sys
 from typing import List, Optional
 
-from skippipe.errors import UserError, VerificationFailed
+from skippipe.errors import RunFailed, UserError, VerificationFailed
 
 COMMANDS = {
     "train": "train a model (launcher=inprocess, local or ray)",
@@ -59,6 +59,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         args = build_parser().parse_args(argv)
         return int(args._module.run(args) or 0)
     except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except RunFailed as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
     except VerificationFailed as err:

@@ -88,6 +88,7 @@ class ScheduleConfig:
     replan_every: int = 0  # 0: re-plan only when the live state changes; k: also every k steps
     seed: Optional[int] = None  # routing seed; None: run.seed
     search_budget_s: float = 5.0  # time limit of the collision-aware search per plan
+    allocation_budget_s: float = 2.0  # time limit of the allocation search (nodes to stages)
 
 
 @dataclass
@@ -164,7 +165,8 @@ class CorruptConfig:
 
 @dataclass
 class FaultConfig:
-    kill: KillConfig = field(default_factory=KillConfig)
+    kill: KillConfig = field(default_factory=KillConfig)  # the node's process exits at that step
+    error: KillConfig = field(default_factory=KillConfig)  # the node's worker raises at that step
     slow_nodes: Dict[str, float] = field(default_factory=dict)  # node name -> slowdown factor
     replace: bool = False
     corrupt: CorruptConfig = field(default_factory=CorruptConfig)
@@ -405,6 +407,8 @@ def check_config(cfg: Config) -> None:
             raise ConfigError(f"fault.slow_nodes.{node}={factor} must be > 0 (5.0 means five times slower)")
     if (cfg.fault.kill.step is None) != (cfg.fault.kill.node is None):
         raise ConfigError("fault.kill needs both step and node, e.g. fault.kill.step=5 fault.kill.node=n2")
+    if (cfg.fault.error.step is None) != (cfg.fault.error.node is None):
+        raise ConfigError("fault.error needs both step and node, e.g. fault.error.step=2 fault.error.node=n1")
     if (cfg.fault.corrupt.step is None) != (cfg.fault.corrupt.node is None):
         raise ConfigError("fault.corrupt needs both step and node, e.g. fault.corrupt.step=7 fault.corrupt.node=n2")
     if cfg.run.threads <= 0:

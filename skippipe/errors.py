@@ -25,6 +25,12 @@ class PlanError(UserError):
     """A plan breaks a path rule or is malformed."""
 
 
+class RunFailed(Exception):
+    """A run could not go on (a worker died, raised or went silent); the CLI exits with code 1."""
+
+    exit_code = 1
+
+
 class VerificationFailed(Exception):
     """A verification found a difference; the CLI exits with code 1."""
 

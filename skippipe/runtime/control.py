@@ -29,9 +29,11 @@ def connect_store(host: str, port: int, is_master: bool, timeout_s: float) -> di
 
 
 class ControlChannel:
-    def __init__(self, store: dist.Store, timeout_s: float):
-        self.raw = store
-        self.store = dist.PrefixStore(PREFIX, store)
+    """``namespace`` separates attempts that share one store (torchrun restarts reuse the agent's)."""
+
+    def __init__(self, store: dist.Store, timeout_s: float, namespace: str = ""):
+        self.raw = dist.PrefixStore(f"{PREFIX}{namespace}", store)
+        self.store = self.raw
         self.timeout_s = timeout_s
 
     # -- generic ------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 
 from skippipe.config import Config, run_dir, to_dict, to_yaml
+from skippipe.errors import RunFailed
 from skippipe.plan import Plan, write_text_atomic
 
 log = logging.getLogger("skippipe")
@@ -36,7 +37,7 @@ class StepOutcome:
         return sum(self.losses[i] for i in sorted(self.losses)) / max(1, len(self.losses))
 
 
-class WorkerFailed(RuntimeError):
+class WorkerFailed(RunFailed):
     """A worker raised, died or went silent; the message names the node and the cause."""
 
     def __init__(self, message: str, node: Optional[str] = None):
@@ -101,7 +102,7 @@ class RemoteExecutor:
             time.sleep(0.3)  # let the other errors land, then blame the root cause, not its neighbours
             errors = [(r, self.control.get_now(f"error/{r}")) for r in range(self.world_size)
                       if self.control.has(f"error/{r}")]
-            rank, info = sorted(errors, key=lambda e: (e[1].get("peer") is not None, e[0]))[0]
+            rank, info = sorted(errors, key=lambda e: (bool(e[1].get("secondary")), e[1].get("time", 0.0)))[0]
             raise WorkerFailed(f"worker {self.nodes[rank]} (rank {rank}) failed: {info['message']}", self.nodes[rank])
         if self.liveness is not None:
             exited = self.liveness()
@@ -138,10 +139,13 @@ class RemoteExecutor:
         self.control.command(index, {"stop": True, "save_dir": str(out)})
         self._gather(index)
         self.command_index += 1
+        self.finished = True
         return None
 
     def close(self) -> None:
-        pass
+        """If the run did not finish, tell every worker to exit instead of waiting for a command."""
+        if not getattr(self, "finished", False):
+            self.control.command(self.command_index, {"abort": "the coordinator stopped (see its error)"})
 
 
 def _save_stages(target: Path, stages) -> None:

@@ -20,7 +20,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 import torch.distributed as dist
@@ -129,7 +129,16 @@ class Worker:
         self.generation = generation
 
     # -- one step -------------------------------------------------------------------------------
+    def _inject_faults(self, step: int) -> None:
+        """``fault.kill`` ends this process; ``fault.error`` raises (tests and demos)."""
+        fault = self.cfg.fault
+        if fault.kill.node == self.me and fault.kill.step == step:
+            os._exit(137)
+        if fault.error.node == self.me and fault.error.step == step:
+            raise RuntimeError(f"injected error on node {self.me} at step {step} (fault.error)")
+
     def step(self, plan: Plan, step: int, lr: float) -> Dict:
+        self._inject_faults(step)
         start = time.perf_counter()
         times = StepTimes()
         losses = self._run_actions(plan, step, times)
@@ -255,6 +264,8 @@ def serve(env: WorkerEnv, control: ControlChannel) -> None:
     try:
         while True:
             command = control.wait_for(f"cmd/{step}", timeout_s=worker.cfg.runtime.timeout_s * 4)
+            if command.get("abort"):
+                raise RuntimeError(f"the coordinator aborted the run: {command['abort']}")
             if command.get("stop"):
                 if plan is not None and command.get("save_dir"):
                     worker.save_final(plan, command["save_dir"])
@@ -265,6 +276,9 @@ def serve(env: WorkerEnv, control: ControlChannel) -> None:
                 worker.setup(plan, command["generation"])
             control.report(step, env.rank, worker.step(plan, command["step"], command["lr"]))
             step += 1
+    except Exception as err:
+        report_error(control, env.rank, err)
+        raise
     finally:
         worker.close()
 
@@ -274,16 +288,30 @@ def main() -> int:
     torch.set_num_threads(int(threads))
     env = WorkerEnv.from_environ()
     logging.basicConfig(level=logging.WARNING, format=f"[rank {env.rank}] %(levelname)s %(message)s")
-    control = ControlChannel(connect_store(env.master_addr, env.master_port, False, 60.0), timeout_s=60.0)
+    control = ControlChannel(connect_store(env.master_addr, env.master_port, False, 60.0), timeout_s=60.0,
+                             namespace=os.environ.get("SKIPPIPE_NAMESPACE", ""))
+    return run_worker(env, control)
+
+
+_PEER_FAILURE_WORDS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def report_error(control: ControlChannel, rank: int, err: BaseException) -> None:
+    """One line to the coordinator, before our connections close, so the root cause is reported
+    first; errors caused by a failed peer are marked ``secondary`` so they are not blamed."""
+    text = str(err).splitlines()[0] if str(err) else ""
+    peer = err.peer if isinstance(err, TransportError) else None
+    secondary = peer is not None or any(word in str(err) for word in _PEER_FAILURE_WORDS)
+    control.error(rank, {"message": f"{type(err).__name__}: {text}", "peer": peer, "secondary": secondary,
+                         "time": time.time()})
+
+
+def run_worker(env: WorkerEnv, control: ControlChannel) -> int:
+    """Serve until stopped; on failure report one line to the coordinator and return 1."""
     try:
         serve(env, control)
-    except Exception as err:  # report one line to the coordinator, the full trace to our stderr
-        peer = err.peer if isinstance(err, TransportError) else None
-        message = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-        try:
-            control.error(env.rank, {"message": message, "peer": peer})
-        finally:
-            traceback.print_exc(file=sys.stderr)
+    except Exception:  # the full trace to our stderr; the one line went to the coordinator in serve
+        traceback.print_exc(file=sys.stderr)
         return 1
     return 0
 

@@ -1,0 +1,67 @@
+"""torchrun entry point: ``torchrun --standalone --nproc_per_node=N launch/torchrun_main.py CONFIG key=value ...``
+
+Every rank runs the same worker as ``launcher=local``; rank 0 also runs the coordinator (in a thread).
+N must equal the topology's node count. The control store is torchrun's own store at
+MASTER_ADDR:MASTER_PORT (hosted by the agent, or by rank 0 when TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1),
+namespaced by TORCHELASTIC_RESTART_COUNT so a restarted group never reads a stale key.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def main(argv) -> int:
+    from skippipe.cli import main as cli_main
+    from skippipe.config import load_config
+    from skippipe.errors import UserError
+    from skippipe.runtime.control import ControlChannel, connect_store
+    from skippipe.runtime.coordinator import Coordinator, RemoteExecutor
+    from skippipe.runtime.worker import WorkerEnv, run_worker
+    from skippipe.train.loop import pin_threads
+
+    config = argv[0] if argv and "=" not in argv[0] else None
+    try:
+        cfg = load_config(config, argv[1:] if config else argv)
+    except UserError:
+        return cli_main(["train", *argv, "launcher=inprocess", "train.steps=0"])  # prints the one-line error
+    env = WorkerEnv.from_environ()
+    logging.basicConfig(level=logging.INFO if env.rank == 0 else logging.WARNING,
+                        format="%(message)s" if env.rank == 0 else f"[rank {env.rank}] %(levelname)s %(message)s")
+    pin_threads(cfg.run.threads)
+    timeout = cfg.runtime.timeout_s
+    namespace = f"/restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    hosted = None
+    if env.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        hosted = connect_store(env.master_addr, env.master_port, True, timeout)  # noqa: F841 (keep alive)
+    failure = []
+    coordinator_thread = None
+    if env.rank == 0:
+        coordinator_channel = ControlChannel(connect_store(env.master_addr, env.master_port, False, timeout),
+                                             timeout, namespace)
+
+        def coordinate():
+            try:
+                Coordinator(cfg, lambda spec, n: RemoteExecutor(cfg, coordinator_channel, env.world_size)).run()
+            except BaseException as err:  # surfaced below, after the local worker has stopped
+                failure.append(err)
+
+        coordinator_thread = threading.Thread(target=coordinate, name="coordinator", daemon=True)
+        coordinator_thread.start()
+    channel = ControlChannel(connect_store(env.master_addr, env.master_port, False, timeout), timeout, namespace)
+    code = run_worker(env, channel)
+    if coordinator_thread is not None:
+        coordinator_thread.join()
+        if failure:
+            print(f"error: {failure[0]}", file=sys.stderr)
+            return getattr(failure[0], "exit_code", 1)
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

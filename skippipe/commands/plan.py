@@ -1,0 +1,88 @@
+"""``skippipe plan [CONFIG] [key=value ...] [--json] [--out F] [--gantt F.png]``.
+
+Allocates once, routes with all four methods (SkipPipe arXiv 2502.19913 section 5), simulates each
+and prints a comparison; ``--out`` writes the plan of ``schedule.method`` (skippipe.plan.v1).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from skippipe.config import METHODS, load_config
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("config", nargs="?", default=None, help="config YAML (optional)")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--out", help="write the plan of schedule.method here (JSON)")
+    parser.add_argument("--gantt", help="draw the timeline of schedule.method here (PNG)")
+
+
+def _split(args):
+    """A first positional with '=' is an override, not a config file."""
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config:
+        config, overrides = None, [config, *overrides]
+    return config, overrides
+
+
+def compare_methods(cfg) -> dict:
+    """Allocate once, route and simulate every method; returns {method: (plan, timeline, plan_time_s)}."""
+    from skippipe.schedule import allocate, build_cost, route
+    from skippipe.simulate import simulate
+
+    topology, _, cost = build_cost(cfg)
+    t0 = time.perf_counter()
+    allocation = allocate(topology, cost, cfg)
+    alloc_s = time.perf_counter() - t0
+    out = {}
+    for method in METHODS:
+        t1 = time.perf_counter()
+        plan = route(allocation, topology, cost, cfg, method=method)
+        route_s = time.perf_counter() - t1
+        timeline = simulate(plan, cost, cfg.schedule.memory)
+        out[method] = (plan, timeline, alloc_s + route_s)
+    return out
+
+
+def summary(results: dict) -> dict:
+    full_s = results["full"][1].makespan_s
+    methods = {}
+    for method, (plan, timeline, plan_s) in results.items():
+        methods[method] = {
+            "iteration_time_s": timeline.makespan_s,
+            "reduction_vs_full": 1.0 - timeline.makespan_s / full_s if full_s > 0 else 0.0,
+            "collisions": timeline.collisions,
+            "mean_idle_fraction": timeline.mean_idle_fraction(),
+            "plan_time_s": plan_s,
+            "stages_visited": plan.stages_visited,
+            "microbatches": len(plan.microbatches),
+        }
+    return methods
+
+
+def run(args) -> int:
+    config, overrides = _split(args)
+    cfg = load_config(config, overrides)
+    results = compare_methods(cfg)
+    methods = summary(results)
+    plan, timeline, _ = results[cfg.schedule.method]
+    if args.out:
+        plan.save(args.out)
+    if args.gantt:
+        from skippipe.gantt import draw_gantt
+
+        draw_gantt(timeline, args.gantt, f"{cfg.run.name}: {plan.method}, {timeline.makespan_s:.1f} s")
+    if args.json:
+        print(json.dumps({"config": config, "method": cfg.schedule.method,
+                          "allocation": plan.allocation, "methods": methods}, indent=1))
+        return 0
+    print(f"{'method':<12} {'iter time s':>11} {'vs full':>8} {'collisions':>10} {'idle frac':>9} {'plan s':>7}")
+    for method, row in methods.items():
+        print(f"{method:<12} {row['iteration_time_s']:>11.1f} {-100 * row['reduction_vs_full']:>+7.1f}% "
+              f"{row['collisions']:>10d} {row['mean_idle_fraction']:>9.2f} {row['plan_time_s']:>7.2f}")
+    if args.out:
+        print(f"plan ({cfg.schedule.method}) written to {args.out}")
+    return 0

@@ -1,0 +1,176 @@
+"""Cost model shared by the scheduler, the simulator and the runtime (DESIGN.md section 3).
+
+Per microbatch on node n holding stage k: forward ``f = layers_k * samples * fwd_s_per_sample_layer
+/ speed_n`` when ``cost.fwd_s_per_sample_layer`` is set (the SkipPipe reference's 0.055 s), else
+``layers_k * samples * seq * flops_per_token_layer / (flops_per_s * speed_n)``; backward
+``bwd_factor * f``; loss and head at the originator ``loss_factor * f(stage 0)``. Transfer a -> b:
+``latency + bytes / bandwidth + message_overhead_s`` (0 on the same node). Gradient reduction of a
+stage: a ring all-reduce over its slowest link. Measured values are folded in with an EWMA and
+replace the modelled ones (``observe_compute``, ``observe_link``).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Iterable, List, Sequence, Tuple
+
+import numpy as np
+
+from skippipe.model.presets import ModelSpec
+from skippipe.topology import Topology
+
+PHASE_NAMES = ("F", "L", "B")
+
+
+def split_layers(n_layers: int, num_stages: int) -> List[int]:
+    """Layers per stage, as even as possible, extras to the lowest stages."""
+    base, extra = divmod(n_layers, num_stages)
+    return [base + (1 if k < extra else 0) for k in range(num_stages)]
+
+
+class CostModel:
+    """Compute and transfer times in seconds; see the module docstring for the formulas."""
+
+    def __init__(self, topology: Topology, spec: ModelSpec, num_stages: int, samples: int, *,
+                 fwd_s_per_sample_layer=None, flops_per_s: float = 5e10, bwd_factor: float = 1.5,
+                 loss_factor: float = 0.25, message_overhead_s: float = 0.0, bytes_per_element: int = 4,
+                 measured_ewma: float = 0.3, grad_sync: bool = True):
+        self.topology = topology
+        self.spec = spec
+        self.num_stages = num_stages
+        self.samples = samples
+        self.fwd_s_per_sample_layer = fwd_s_per_sample_layer
+        self.flops_per_s = flops_per_s
+        self.bwd_factor = bwd_factor
+        self.loss_factor = loss_factor
+        self.message_overhead_s = message_overhead_s
+        self.bytes_per_element = bytes_per_element
+        self.measured_ewma = measured_ewma
+        self.grad_sync = grad_sync
+        self.layers_per_stage = split_layers(spec.n_layers, num_stages)
+        self.activation_bytes = samples * spec.seq_len * spec.dim * bytes_per_element
+        self._measured_compute: Dict[Tuple[str, int, str], float] = {}
+        self._node_ratio: Dict[str, float] = {}
+        self._link_ratio: Dict[Tuple[str, str], float] = {}
+
+    @classmethod
+    def from_config(cls, cfg, spec: ModelSpec, topology: Topology) -> "CostModel":
+        from skippipe.config import num_stages
+
+        c = cfg.cost
+        return cls(topology, spec, num_stages(cfg), cfg.train.samples_per_microbatch,
+                   fwd_s_per_sample_layer=c.fwd_s_per_sample_layer, flops_per_s=c.flops_per_s,
+                   bwd_factor=c.bwd_factor, loss_factor=c.loss_factor, message_overhead_s=c.message_overhead_s,
+                   bytes_per_element=c.bytes_per_element, measured_ewma=c.measured_ewma,
+                   grad_sync=getattr(c, "grad_sync", True))
+
+    # -- compute --------------------------------------------------------------------------------
+    def modelled_fwd_s(self, node: str, stage: int) -> float:
+        layers = self.layers_per_stage[stage]
+        speed = self.topology.node(node).speed
+        if self.fwd_s_per_sample_layer is not None:
+            return self.fwd_s_per_sample_layer * layers * self.samples / speed
+        flops = layers * self.samples * self.spec.seq_len * self.spec.flops_per_token_layer()
+        return flops / (self.flops_per_s * speed)
+
+    def _modelled(self, node: str, stage: int, phase: str) -> float:
+        if phase == "F":
+            return self.modelled_fwd_s(node, stage)
+        if phase == "B":
+            return self.bwd_factor * self.modelled_fwd_s(node, stage)
+        return self.loss_factor * self.modelled_fwd_s(node, 0)
+
+    def _time(self, node: str, stage: int, phase: str) -> float:
+        measured = self._measured_compute.get((node, stage, phase))
+        if measured is not None:
+            return measured
+        return self._modelled(node, stage, phase) * self._node_ratio.get(node, 1.0)
+
+    def fwd_s(self, node: str, stage: int) -> float:
+        return self._time(node, stage, "F")
+
+    def bwd_s(self, node: str, stage: int) -> float:
+        return self._time(node, stage, "B")
+
+    def loss_s(self, node: str) -> float:
+        """Final norm, LM head and loss at the originator (stage 0)."""
+        return self._time(node, 0, "L")
+
+    def compute_s(self, node: str, stage: int, phase: str) -> float:
+        return self._time(node, stage, phase)
+
+    # -- communication --------------------------------------------------------------------------
+    def transfer_s(self, a: str, b: str, nbytes=None) -> float:
+        if a == b:
+            return 0.0
+        nbytes = self.activation_bytes if nbytes is None else nbytes
+        modelled = self.topology.latency_s(a, b) + nbytes / self.topology.bandwidth_bytes_per_s(a, b)
+        return modelled * self._link_ratio.get(_link(a, b), 1.0) + self.message_overhead_s
+
+    def transfer_matrix_s(self, names: Sequence[str] = None, nbytes=None) -> np.ndarray:
+        """Activation transfer times between all pairs of ``names`` (node x node), vectorised."""
+        nbytes = self.activation_bytes if nbytes is None else nbytes
+        topo = self.topology
+        if names is None or list(names) == topo.names():
+            lat, bw = topo.latency_matrix_s(), topo.bandwidth_matrix_bytes_per_s()
+        else:
+            idx = np.array([topo.index(n) for n in names])
+            lat = topo.latency_matrix_s()[np.ix_(idx, idx)]
+            bw = topo.bandwidth_matrix_bytes_per_s()[np.ix_(idx, idx)]
+        matrix = lat + nbytes / bw + self.message_overhead_s
+        np.fill_diagonal(matrix, 0.0)
+        return matrix
+
+    def stage_param_bytes(self, stage: int) -> int:
+        params = self.layers_per_stage[stage] * self.spec.layer_params()
+        if stage == 0:
+            params += 2 * self.spec.vocab_size * self.spec.dim + self.spec.dim
+        return params * self.bytes_per_element
+
+    def stage_memory_bytes(self, stage: int, memory: int) -> float:
+        """Weights, gradients and AdamW moments (4x params) plus ``memory`` microbatches of activations.
+
+        Activations kept per layer for the backward: about 16 tensors of the hidden size (a rough,
+        documented estimate; only used to keep a stage off nodes that cannot hold it).
+        """
+        acts = memory * self.activation_bytes * 16 * max(1, self.layers_per_stage[stage])
+        return 4.0 * self.stage_param_bytes(stage) + acts
+
+    def allreduce_s(self, stage: int, nodes: Iterable[str]) -> float:
+        """Ring all-reduce of the stage's gradients over its slowest link (0 for one replica)."""
+        nodes = list(nodes)
+        n = len(nodes)
+        if n <= 1 or not self.grad_sync:
+            return 0.0
+        slowest_bw = min(self.topology.bandwidth_bytes_per_s(a, b) for a in nodes for b in nodes if a != b)
+        worst_lat = max(self.topology.latency_s(a, b) for a in nodes for b in nodes if a != b)
+        volume = 2.0 * (n - 1) / n * self.stage_param_bytes(stage)
+        return volume / slowest_bw + 2 * (n - 1) * (worst_lat + self.message_overhead_s)
+
+    # -- measurements ---------------------------------------------------------------------------
+    def observe_compute(self, node: str, stage: int, phase: str, seconds: float) -> None:
+        """Fold a measured compute time in (EWMA); it replaces the modelled one from now on."""
+        key = (node, stage, phase)
+        w = self.measured_ewma
+        old = self._measured_compute.get(key)
+        self._measured_compute[key] = seconds if old is None else (1 - w) * old + w * seconds
+        ratio = seconds / max(self._modelled(node, stage, phase), 1e-12)
+        prev = self._node_ratio.get(node)
+        self._node_ratio[node] = ratio if prev is None else (1 - w) * prev + w * ratio
+
+    def observe_link(self, a: str, b: str, seconds: float, nbytes: float) -> None:
+        """Fold a measured transfer (without message overhead) into the link's time ratio (EWMA)."""
+        if a == b:
+            return
+        modelled = self.topology.latency_s(a, b) + nbytes / self.topology.bandwidth_bytes_per_s(a, b)
+        ratio = seconds / max(modelled, 1e-12)
+        key, w = _link(a, b), self.measured_ewma
+        prev = self._link_ratio.get(key)
+        self._link_ratio[key] = ratio if prev is None else (1 - w) * prev + w * ratio
+
+    def slowdown(self, node: str) -> float:
+        """Measured over modelled compute time of ``node`` (1.0 before any measurement)."""
+        return self._node_ratio.get(node, 1.0)
+
+
+def _link(a: str, b: str) -> Tuple[str, str]:
+    return (a, b) if a <= b else (b, a)

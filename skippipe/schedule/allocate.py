@@ -1,0 +1,242 @@
+"""Allocation of nodes to stages (DT-FM arXiv 2206.01288 section 3; DESIGN.md section 4).
+
+Objective (to minimise), as the SkipPipe reference's GCMA: ``dp_cost + 2 * pp_cost`` where
+``dp_cost`` is the worst link inside any stage (its replicas all-reduce) and ``pp_cost`` is the
+shortest closed tour from stage 0 over a stage-level matrix whose entry (i, j) is the bottleneck
+matching between the groups of stages i and j, edges ``transfer(a, b) + fwd(a)``.
+
+Search: instead of the reference's genetic algorithm (hours at scale) we build several greedy
+"nearest group" seeds and improve the best by random node swaps between stages, scored
+incrementally with numpy, under ``schedule.allocation_budget_s``. Memory: a node whose memory
+cannot hold a stage (parameters, gradients, AdamW moments and ``memory`` microbatches of
+activations) is penalised out of it.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import List, Optional
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import maximum_bipartite_matching
+
+from skippipe.errors import ConfigError, TopologyError
+from skippipe.schedule.tsp import best_tour
+
+_MISFIT_PENALTY_S = 1e6
+_EXACT_MATCHING_MAX = 400  # n_i * n_j up to which the bottleneck matching is solved exactly
+
+
+def partition_sizes(cfg, num_nodes: int) -> List[int]:
+    """Replicas per stage: ``schedule.partition_sizes`` or an even split with extras on stage 0."""
+    from skippipe.config import num_stages
+
+    sizes = list(cfg.schedule.partition_sizes)
+    if sizes:
+        if sum(sizes) != num_nodes:
+            raise ConfigError(f"schedule.partition_sizes={sizes} sums to {sum(sizes)} but the topology has "
+                              f"{num_nodes} nodes; make them equal or set schedule.partition_sizes=[]")
+        return sizes
+    stages = num_stages(cfg)
+    if num_nodes < stages:
+        raise ConfigError(f"{num_nodes} nodes < {stages} stages: every stage needs a node; "
+                          "lower schedule.num_stages or add nodes")
+    base = num_nodes // stages
+    return [base + num_nodes - base * stages] + [base] * (stages - 1)
+
+
+def bottleneck_matching(edge: np.ndarray) -> float:
+    """Smallest t such that a matching saturating the smaller side uses only edges <= t."""
+    rows, cols = edge.shape
+    if rows > cols:
+        edge, rows, cols = edge.T, cols, rows
+    lower = float(edge.min(axis=1).max())
+    if rows * cols > _EXACT_MATCHING_MAX:
+        return lower  # the row bound; tight when nodes cluster in regions
+    values = np.unique(edge[edge >= lower])
+    lo, hi = 0, len(values) - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        graph = csr_matrix((edge <= values[mid]).astype(np.int8))
+        if (maximum_bipartite_matching(graph, perm_type="column") >= 0).sum() == rows:
+            hi = mid
+        else:
+            lo = mid + 1
+    return float(values[lo])
+
+
+class _Scorer:
+    """Incremental DT-FM score of a labelling (node -> stage)."""
+
+    def __init__(self, cost_s: np.ndarray, weight_s: np.ndarray, misfit: np.ndarray, num_stages: int):
+        self.cost_s = cost_s
+        self.edge = cost_s + weight_s[:, None]
+        self.misfit = misfit
+        self.num_stages = num_stages
+
+    def groups(self, labels: np.ndarray) -> List[np.ndarray]:
+        return [np.flatnonzero(labels == k) for k in range(self.num_stages)]
+
+    def diameter(self, group: np.ndarray) -> float:
+        return float(self.cost_s[np.ix_(group, group)].max()) if len(group) > 1 else 0.0
+
+    def pair(self, a: np.ndarray, b: np.ndarray) -> float:
+        ab = bottleneck_matching(self.edge[np.ix_(a, b)])
+        ba = bottleneck_matching(self.edge[np.ix_(b, a)])
+        return max(ab, ba)
+
+    def full(self, labels: np.ndarray):
+        groups = self.groups(labels)
+        diam = np.array([self.diameter(g) for g in groups])
+        stage = np.zeros((self.num_stages, self.num_stages))
+        for i in range(self.num_stages):
+            for j in range(i + 1, self.num_stages):
+                stage[i, j] = stage[j, i] = self.pair(groups[i], groups[j])
+        return groups, diam, stage
+
+    def score(self, labels: np.ndarray, diam: np.ndarray, stage: np.ndarray, exact_max: int = 8) -> float:
+        pp_cost, _ = best_tour(stage, exact_max)
+        misfits = float(self.misfit[np.arange(len(labels)), labels].sum())
+        # small sum terms break the plateaus of the max-based objective
+        return float(diam.max() + 2 * pp_cost + 1e-3 * diam.sum() + _MISFIT_PENALTY_S * misfits)
+
+
+def _greedy_seed(cost_s: np.ndarray, sizes: List[int], start: int, order: List[int]) -> np.ndarray:
+    """Fill stages one by one with the nodes closest (max link) to the group so far."""
+    n = len(cost_s)
+    labels = np.full(n, -1)
+    free = np.ones(n, dtype=bool)
+    seed = start
+    for stage in order:
+        if not free[seed]:
+            seed = int(np.flatnonzero(free)[0])
+        group = [seed]
+        free[seed] = False
+        worst = cost_s[seed].copy()
+        while len(group) < sizes[stage]:
+            cand = np.where(free, worst, np.inf)
+            pick = int(np.argmin(cand))
+            group.append(pick)
+            free[pick] = False
+            worst = np.maximum(worst, cost_s[pick])
+        labels[group] = stage
+        if free.any():
+            seed = int(np.flatnonzero(free)[np.argmin(cost_s[group][:, free].min(axis=0))])
+    return labels
+
+
+def _local_search(scorer: _Scorer, labels: np.ndarray, budget_s: float, rng: random.Random,
+                  max_moves: int = 500) -> np.ndarray:
+    groups, diam, stage = scorer.full(labels)
+    best = scorer.score(labels, diam, stage)
+    deadline = time.perf_counter() + budget_s
+    n, stages = len(labels), scorer.num_stages
+    # a fixed move count keeps the allocation a function of the seed; the budget only guards
+    for _ in range(max_moves if stages > 1 else 0):
+        if time.perf_counter() > deadline:
+            break
+        a, b = rng.randrange(n), rng.randrange(n)
+        sa, sb = int(labels[a]), int(labels[b])
+        if sa == sb:
+            continue
+        labels[a], labels[b] = sb, sa
+        new_groups = list(groups)
+        new_groups[sa], new_groups[sb] = np.flatnonzero(labels == sa), np.flatnonzero(labels == sb)
+        new_diam = diam.copy()
+        new_diam[sa], new_diam[sb] = scorer.diameter(new_groups[sa]), scorer.diameter(new_groups[sb])
+        new_stage = stage.copy()
+        for k in (sa, sb):
+            for j in range(stages):
+                if j != k:
+                    new_stage[k, j] = new_stage[j, k] = scorer.pair(new_groups[k], new_groups[j])
+        score = scorer.score(labels, new_diam, new_stage)
+        if score <= best:
+            best, groups, diam, stage = score, new_groups, new_diam, new_stage
+        else:
+            labels[a], labels[b] = sa, sb
+    return labels
+
+
+def _order_stages(scorer: _Scorer, labels: np.ndarray, sizes: List[int]) -> List[int]:
+    """Stage relabelling along the best closed tour (kept when non-zero stages differ in size)."""
+    _, _, stage = scorer.full(labels)
+    _, tour = best_tour(stage)
+    if len(set(sizes[1:])) > 1:
+        return list(range(len(sizes)))
+    return tour  # tour[0] == 0: stage 0 keeps its group
+
+
+def _align_replicas(cost_s: np.ndarray, groups: List[List[int]]) -> List[List[int]]:
+    """Order each stage's nodes so that ``groups[s][r]`` forms pipeline r (successive matchings)."""
+    out = [sorted(groups[0])]
+    for group in groups[1:]:
+        prev = out[-1]
+        rows, cols = linear_sum_assignment(cost_s[np.ix_(prev, group)])
+        matched = [group[c] for _, c in sorted(zip(rows, cols))]
+        out.append(matched + sorted(set(group) - set(matched)))
+    return out
+
+
+def allocate(topology, cost, cfg, budget_s: Optional[float] = None) -> List[List[str]]:
+    """Node names per stage, stage 0 first, minimising the DT-FM score (DESIGN.md section 4)."""
+    names = topology.names()
+    sizes = partition_sizes(cfg, len(names))
+    stages = len(sizes)
+    cost_s = cost.transfer_matrix_s(names)
+    weight_s = np.array([cost.fwd_s(n, min(1, stages - 1)) for n in names])
+    need_bytes = np.array([cost.stage_memory_bytes(k, cfg.schedule.memory) for k in range(stages)])
+    have_bytes = np.array([n.memory_gb * 2**30 for n in topology.nodes])
+    misfit = (have_bytes[:, None] < need_bytes[None, :]).astype(np.float64)
+    scorer = _Scorer(cost_s, weight_s, misfit, stages)
+    rng = random.Random(cfg.schedule.seed if cfg.schedule.seed is not None else cfg.run.seed)
+    if budget_s is None:
+        budget_s = getattr(cfg.schedule, "allocation_budget_s", 2.0)
+    labels = _best_seed(scorer, cost_s, sizes, rng, budget_s)
+    labels = _local_search(scorer, labels, 2 * budget_s, rng)
+    bad = np.flatnonzero(misfit[np.arange(len(names)), labels])
+    if len(bad):
+        node = names[bad[0]]
+        raise TopologyError(f"node '{node}' ({topology.node(node).memory_gb:g} GiB) cannot hold stage "
+                            f"{labels[bad[0]]}; add memory, more stages, or lower schedule.memory")
+    relabel = _order_stages(scorer, labels, sizes)
+    groups = [list(np.flatnonzero(labels == k)) for k in relabel]
+    return [[names[i] for i in group] for group in _align_replicas(cost_s, groups)]
+
+
+def _best_seed(scorer: _Scorer, cost_s: np.ndarray, sizes: List[int], rng: random.Random,
+               budget_s: float) -> np.ndarray:
+    n = len(cost_s)
+    starts = list(range(n))
+    rng.shuffle(starts)
+    order_fwd = list(range(len(sizes)))
+    best, best_score = None, np.inf
+    deadline = time.perf_counter() + budget_s
+    for i, start in enumerate(starts[:12]):
+        if best is not None and time.perf_counter() > deadline:
+            break
+        order = order_fwd if i % 2 == 0 else order_fwd[::-1]
+        labels = _greedy_seed(cost_s, sizes, start, order)
+        _, diam, stage = scorer.full(labels)
+        score = scorer.score(labels, diam, stage)
+        if score < best_score:
+            best, best_score = labels, score
+    return best.copy()
+
+
+def allocation_score(topology, cost, allocation: List[List[str]]) -> float:
+    """The DT-FM score ``dp_cost + 2 * pp_cost`` of an allocation (for reports and tests)."""
+    names = topology.names()
+    labels = np.zeros(len(names), dtype=np.int64)
+    index = {n: i for i, n in enumerate(names)}
+    for k, nodes in enumerate(allocation):
+        for node in nodes:
+            labels[index[node]] = k
+    cost_s = cost.transfer_matrix_s(names)
+    weight_s = np.array([cost.fwd_s(n, min(1, len(allocation) - 1)) for n in names])
+    scorer = _Scorer(cost_s, weight_s, np.zeros((len(names), len(allocation))), len(allocation))
+    _, diam, stage = scorer.full(labels)
+    pp_cost, _ = best_tour(stage)
+    return float(diam.max() + 2 * pp_cost)

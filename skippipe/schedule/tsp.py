@@ -1,0 +1,80 @@
+"""Closed tours over stage groups (DT-FM arXiv 2206.01288 section 3: the pipeline order).
+
+Held-Karp is exact but O(S^2 2^S): used up to ``HELD_KARP_MAX`` stages; above that a nearest
+neighbour tour improved by 2-opt.
+"""
+
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import numpy as np
+
+HELD_KARP_MAX = 12
+
+
+def tour_cost(dist: np.ndarray, tour: List[int]) -> float:
+    return float(sum(dist[tour[i], tour[(i + 1) % len(tour)]] for i in range(len(tour))))
+
+
+def held_karp(dist: np.ndarray) -> Tuple[float, List[int]]:
+    """Exact shortest closed tour from city 0 (numpy over the last city for each subset)."""
+    n = len(dist)
+    if n <= 2:
+        return tour_cost(dist, list(range(n))), list(range(n))
+    full = 1 << (n - 1)  # subsets of cities 1..n-1
+    best = np.full((full, n - 1), np.inf)
+    parent = np.full((full, n - 1), -1, dtype=np.int64)
+    sub = dist[1:, 1:]
+    for j in range(n - 1):
+        best[1 << j, j] = dist[0, j + 1]
+    for mask in range(1, full):
+        row = best[mask]
+        if not np.isfinite(row).any():
+            continue
+        # extend every end city j in mask to every city k not in mask
+        cand = row[:, None] + sub  # (j, k)
+        best_j = np.argmin(cand, axis=0)
+        vals = cand[best_j, np.arange(n - 1)]
+        for k in range(n - 1):
+            bit = 1 << k
+            if mask & bit:
+                continue
+            new = mask | bit
+            if vals[k] < best[new, k]:
+                best[new, k] = vals[k]
+                parent[new, k] = best_j[k]
+    last = best[full - 1] + dist[1:, 0]
+    end = int(np.argmin(last))
+    tour, mask = [], full - 1
+    while end >= 0:
+        tour.append(end + 1)
+        prev = int(parent[mask, end])
+        mask ^= 1 << end
+        end = prev
+    return float(last.min()), [0] + tour[::-1]
+
+
+def two_opt(dist: np.ndarray) -> Tuple[float, List[int]]:
+    """Nearest-neighbour tour from 0, then 2-opt until no improving move."""
+    n = len(dist)
+    tour, left = [0], set(range(1, n))
+    while left:
+        nxt = min(left, key=lambda c: dist[tour[-1], c])
+        tour.append(nxt)
+        left.remove(nxt)
+    improved = True
+    while improved:
+        improved = False
+        for i in range(1, n - 1):
+            for j in range(i + 1, n):
+                a, b = tour[i - 1], tour[i]
+                c, d = tour[j], tour[(j + 1) % n]
+                if dist[a, c] + dist[b, d] < dist[a, b] + dist[c, d] - 1e-12:
+                    tour[i:j + 1] = tour[i:j + 1][::-1]
+                    improved = True
+    return tour_cost(dist, tour), tour
+
+
+def best_tour(dist: np.ndarray, exact_max: int = HELD_KARP_MAX) -> Tuple[float, List[int]]:
+    return held_karp(dist) if len(dist) <= exact_max else two_opt(dist)

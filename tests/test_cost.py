@@ -1,0 +1,68 @@
+import pytest
+
+from skippipe.config import load_config
+from skippipe.cost import CostModel, split_layers
+from skippipe.model.presets import resolve_model_spec
+from skippipe.topology import Node, Topology
+
+
+def _cost(overrides=()):
+    cfg = load_config(None, ["model.preset=llama-500m", "schedule.partition_sizes=[1,1,1,1,1]",
+                             "cost.fwd_s_per_sample_layer=0.055", "cost.message_overhead_s=0.35", *overrides])
+    topo = Topology(["a", "b"], [[1, 100], [100, 1]], [[8, 0.8], [0.8, 8]],
+                    [Node("n0", "a"), Node("n1", "b"), Node("n2", "a", speed=2.0)])
+    spec = resolve_model_spec(cfg.model, vocab_size=256)
+    return CostModel.from_config(cfg, spec, topo)
+
+
+def test_split_layers_extras_to_lowest():
+    assert split_layers(24, 5) == [5, 5, 5, 5, 4]
+    assert split_layers(8, 3) == [3, 3, 2]
+
+
+def test_fixed_compute_times_match_reference():
+    cost = _cost()
+    assert cost.layers_per_stage == [5, 5, 5, 5, 4]
+    assert cost.fwd_s("n0", 4) == pytest.approx(0.055 * 4 * 8)
+    assert cost.bwd_s("n0", 4) == pytest.approx(1.5 * 0.055 * 4 * 8)
+    assert cost.loss_s("n0") == pytest.approx(0.25 * 0.055 * 5 * 8)
+    assert cost.fwd_s("n2", 4) == pytest.approx(0.055 * 4 * 8 / 2.0)
+
+
+def test_transfer_time_latency_bandwidth_overhead():
+    cost = _cost()
+    nbytes = 8 * 1024 * 1024 * 4
+    assert cost.activation_bytes == nbytes
+    assert cost.transfer_s("n0", "n1") == pytest.approx(0.1 + nbytes / 0.1e9 + 0.35)
+    assert cost.transfer_s("n0", "n2") == pytest.approx(0.001 + nbytes / 1e9 + 0.35)
+    assert cost.transfer_s("n1", "n1") == 0.0
+    assert cost.transfer_matrix_s()[0, 1] == pytest.approx(cost.transfer_s("n0", "n1"))
+
+
+def test_flop_model_when_no_fixed_time():
+    cost = _cost(["cost.fwd_s_per_sample_layer=null", "cost.flops_per_s=1e12"])
+    spec = cost.spec
+    expected = 5 * 8 * spec.seq_len * spec.flops_per_token_layer() / 1e12
+    assert cost.fwd_s("n0", 0) == pytest.approx(expected)
+
+
+def test_allreduce_ring_over_slowest_link():
+    cost = _cost(["cost.message_overhead_s=0"])
+    assert cost.allreduce_s(1, ["n0"]) == 0.0
+    two = cost.allreduce_s(1, ["n0", "n1"])
+    assert two == pytest.approx(cost.stage_param_bytes(1) / 0.1e9 + 2 * 0.1)
+    assert cost.allreduce_s(1, ["n0", "n2"]) < two
+
+
+def test_measurements_replace_model_with_ewma():
+    cost = _cost()
+    base = cost.fwd_s("n0", 1)
+    cost.observe_compute("n0", 1, "F", 2 * base)
+    assert cost.fwd_s("n0", 1) == pytest.approx(2 * base)
+    assert cost.slowdown("n0") == pytest.approx(2.0)
+    assert cost.bwd_s("n0", 2) == pytest.approx(2.0 * 1.5 * cost.modelled_fwd_s("n0", 2))
+    cost.observe_compute("n0", 1, "F", base)
+    assert cost.fwd_s("n0", 1) == pytest.approx(0.7 * 2 * base + 0.3 * base)
+    before = cost.transfer_s("n0", "n1")
+    cost.observe_link("n0", "n1", 2 * (before - 0.35), cost.activation_bytes)
+    assert cost.transfer_s("n0", "n1") == pytest.approx(2 * (before - 0.35) + 0.35)

@@ -1,0 +1,84 @@
+import json
+
+import pytest
+
+from skippipe.cli import main
+from skippipe.plan import Plan
+
+SMALL = ["topology.file=configs/topology/geo2.yaml", "schedule.partition_sizes=[2,2,2]",
+         "schedule.skip_ratio=0.34", "schedule.microbatches_per_originator=2", "schedule.search_budget_s=0.2",
+         "schedule.allocation_budget_s=0.1", "model.preset=tiny"]
+
+
+def test_plan_json_has_all_methods(capsys):
+    assert main(["plan", *SMALL, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["methods"]) == {"full", "random_skip", "skippipe_nc", "skippipe"}
+    for row in out["methods"].values():
+        assert row["iteration_time_s"] > 0 and row["plan_time_s"] >= 0
+    assert out["methods"]["full"]["stages_visited"] == 3
+    assert out["methods"]["skippipe"]["stages_visited"] == 2
+
+
+def test_plan_table_out_and_simulate(tmp_path, capsys):
+    out, png = tmp_path / "plan.json", tmp_path / "g.png"
+    assert main(["plan", *SMALL, "--out", str(out), "--gantt", str(png)]) == 0
+    table = capsys.readouterr().out
+    assert "skippipe_nc" in table and "vs full" in table
+    assert png.stat().st_size > 1000
+    plan = Plan.load(out)
+    assert plan.method == "skippipe" and plan.node_order
+    assert main(["simulate", str(out), *SMALL, "--json"]) == 0
+    sim = json.loads(capsys.readouterr().out)
+    assert sim["makespan_s"] == pytest.approx(plan.predicted_makespan_s)
+
+
+def _handwritten(tmp_path, path_nodes):
+    plan = {"format": "skippipe.plan.v1", "method": "handmade", "num_stages": 3, "stages_visited": 2,
+            "allocation": [["n0", "n1"], ["n2", "n3"], ["n4", "n5"]],
+            "microbatches": [{"id": 0, "originator": "n0", "path": path_nodes, "start_s": 0.0}]}
+    p = tmp_path / "hand.json"
+    p.write_text(json.dumps(plan))
+    return str(p)
+
+
+def test_simulate_handwritten_plan_without_order(tmp_path, capsys):
+    assert main(["simulate", _handwritten(tmp_path, ["n2"]), *SMALL]) == 0
+    assert "makespan" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("path_nodes, expect", [
+    (["n2", "n4"], "microbatch 0: rule 1"),
+    (["n1"], "microbatch 0: rule 1"),
+    (["n9"], "microbatch 0: node 'n9' is not in the allocation"),
+])
+def test_simulate_rejects_rule_breaks(tmp_path, capsys, path_nodes, expect):
+    assert main(["simulate", _handwritten(tmp_path, path_nodes), *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert expect in err and len(err.strip().splitlines()) == 1
+
+
+def test_simulate_rejects_swap_rule(tmp_path, capsys):
+    plan = {"format": "skippipe.plan.v1", "method": "h", "num_stages": 4, "stages_visited": 3,
+            "allocation": [["n0"], ["n1"], ["n2"], ["n3"]],
+            "microbatches": [{"id": 0, "originator": "n0", "path": ["n3", "n1"]}]}
+    p = tmp_path / "swap.json"
+    p.write_text(json.dumps(plan))
+    assert main(["simulate", str(p), "schedule.num_stages=4", "model.preset=tiny"]) == 2
+    assert "microbatch 0: rule 2: swap back 2" in capsys.readouterr().err
+
+
+def test_simulate_plan_node_missing_from_topology(tmp_path, capsys):
+    plan = {"format": "skippipe.plan.v1", "method": "h", "num_stages": 2, "stages_visited": 2,
+            "allocation": [["x0"], ["x1"]], "microbatches": [{"id": 0, "originator": "x0", "path": ["x1"]}]}
+    p = tmp_path / "missing.json"
+    p.write_text(json.dumps(plan))
+    assert main(["simulate", str(p), "schedule.num_stages=2", "schedule.skip_ratio=0"]) == 2
+    assert "node 'x0' is not in the topology" in capsys.readouterr().err
+
+
+def test_bad_plan_file_format(tmp_path, capsys):
+    p = tmp_path / "bad.json"
+    p.write_text(json.dumps({"format": "other"}))
+    assert main(["simulate", str(p)]) == 2
+    assert "'format' must be" in capsys.readouterr().err

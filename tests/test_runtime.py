@@ -1,0 +1,128 @@
+"""Tier 2: real gloo process groups on 127.0.0.1, free ports, short timeouts."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from skippipe.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+# a small, fast model on the tiny topology (6 nodes in 2 regions, stages [2, 2, 1, 1])
+SMALL = ["model.dim=64", "model.n_heads=2", "model.ffn_dim=128", "model.seq_len=32", "train.samples_per_microbatch=2",
+         "data.max_corpus_mb=1", "train.eval_batches=2", "tracking.wandb.mode=disabled", "tracking.progress=false",
+         "schedule.search_budget_s=0.3", "schedule.allocation_budget_s=0.3", "runtime.timeout_s=30",
+         "cost.emulate_links=false"]
+
+
+def metrics(run):
+    return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_params(run):
+    return {k: torch.load(Path(run) / "final" / f"stage{k}.pt", weights_only=True) for k in range(4)}
+
+
+@pytest.mark.parametrize("method", ["full", "skippipe"])
+def test_local_equals_inprocess_bitwise(tmp_path, method):
+    ref, dist_run = tmp_path / "ref", tmp_path / "local"
+    common = ["configs/tiny.yaml", *SMALL, "train.steps=3", f"schedule.method={method}"]
+    assert main(["train", *common, f"run.dir={ref}"]) == 0
+    # the same routes, executed by 6 worker processes (with emulated links, which must not change numbers)
+    assert main(["train", *common, f"run.dir={dist_run}", "launcher=local", f"schedule.routes_from={ref}",
+                 "cost.emulate_links=true"]) == 0
+    a, b = metrics(ref), metrics(dist_run)
+    assert [m["loss/train"] for m in a[:3]] == [m["loss/train"] for m in b[:3]]
+    assert a[-1]["loss/val"] == b[-1]["loss/val"]
+    pa, pb = final_params(ref), final_params(dist_run)
+    for k in range(4):
+        for name in pa[k]:
+            assert torch.equal(pa[k][name], pb[k][name]), f"stage {k} {name} differs"
+    routes = [json.loads(line) for line in (ref / "routes.jsonl").read_text().splitlines()]
+    stages_per_mb = {len(mb["path"]) for mb in routes[0]["plan"]["microbatches"]}
+    assert stages_per_mb == ({3} if method == "full" else {2})  # 4 of 4 vs 3 of 4 stages visited
+    assert b[0]["time/predicted_iter_s"] > 0 and b[0]["memory/peak_rss_mb"] > 0
+
+
+def test_worker_error_surfaces_in_coordinator(tmp_path, capsys):
+    start = time.monotonic()
+    code = main(["train", "configs/tiny.yaml", *SMALL, "train.steps=4", f"run.dir={tmp_path}", "launcher=local",
+                 "fault.error.step=1", "fault.error.node=n3"])
+    err = capsys.readouterr().err
+    assert code == 1
+    line = [x for x in err.splitlines() if x.startswith("error:")][-1]
+    assert "worker n3" in line and "injected error" in line
+    assert time.monotonic() - start < 60  # an error, not a hang until a timeout
+
+
+def test_killed_worker_surfaces_in_coordinator(tmp_path, capsys):
+    code = main(["train", "configs/tiny.yaml", *SMALL, "train.steps=4", f"run.dir={tmp_path}", "launcher=local",
+                 "fault.kill.step=1", "fault.kill.node=n2"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "n2" in [x for x in err.splitlines() if x.startswith("error:")][-1]
+
+
+def _link_pair(rank, port, result_path):
+    import torch.distributed as dist
+
+    from skippipe.runtime.transport import ACT, LinkModel, Transport
+
+    store = dist.TCPStore("127.0.0.1", port, world_size=2, is_master=rank == 0)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=2)
+    links = LinkModel(latency_s=lambda a, b: 0.3, bandwidth_bytes_per_s=lambda a, b: 1e6)  # 1 MB/s
+    transport = Transport({"a": 0, "b": 1}, "ab"[rank], torch.device("cpu"), 20.0, links)
+    payload = torch.ones(2, 50_000)  # 400 kB -> 0.4 s on the wire
+    if rank == 0:
+        sent = time.time()
+        transport.send(payload, "b", step=0, microbatch_id=7, kind=ACT)
+        transport.flush()
+        Path(result_path).write_text(json.dumps({"sent": sent}))
+        dist.barrier()
+    else:
+        got = transport.recv("a", step=0, microbatch_id=7, kind=ACT, shape=(2, 50_000), dtype=torch.float32)
+        received = time.time()
+        dist.barrier()
+        sent = json.loads(Path(result_path).read_text())["sent"]
+        Path(result_path).write_text(json.dumps({"elapsed": received - sent, "ok": bool(torch.equal(got, payload))}))
+    dist.destroy_process_group()
+
+
+def test_link_emulator_delays_by_latency_plus_bandwidth(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = tmp_path / "result.json"
+    mp.start_processes(_link_pair, args=(port, str(result)), nprocs=2, start_method="spawn")
+    data = json.loads(result.read_text())
+    assert data["ok"]
+    assert data["elapsed"] >= 0.3 + 0.4 - 0.01  # lower bound only: latency + bytes / bandwidth
+
+
+def test_bad_header_is_named():
+    from skippipe.runtime.transport import MAGIC, Transport, TransportError
+
+    header = [MAGIC, 0, 3, 0, 0, 3, 2, 32, 64, 0, 0, 0.0]
+    with pytest.raises(TransportError, match=r"shape \(2, 32, 64\) != expected \(2, 32, 65\).*node n4 is excluded"):
+        Transport._check_header(header, 0, 3, 0, (2, 32, 65), torch.float32, "activation", "n4")
+
+
+@pytest.mark.slow
+def test_torchrun_entry_runs_two_steps(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=6",
+           "launch/torchrun_main.py", "configs/tiny.yaml", *SMALL, "train.steps=2", f"run.dir={tmp_path}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = metrics(tmp_path)
+    assert [m["step"] for m in lines if "loss/train" in m and "loss/val" not in m] == [0, 1]
+    assert lines[-1]["loss/val"] > 0
