@@ -21,7 +21,8 @@ def main(argv) -> int:
     from skippipe.config import load_config
     from skippipe.errors import UserError
     from skippipe.runtime.control import ControlChannel, connect_store
-    from skippipe.runtime.coordinator import Coordinator, RemoteExecutor
+    from skippipe.runtime.coordinator import Coordinator
+    from skippipe.runtime.remote import RemoteExecutor
     from skippipe.runtime.worker import WorkerEnv, run_worker
     from skippipe.train.loop import pin_threads
 
@@ -54,7 +55,7 @@ def main(argv) -> int:
         coordinator_thread = threading.Thread(target=coordinate, name="coordinator", daemon=True)
         coordinator_thread.start()
     channel = ControlChannel(connect_store(env.master_addr, env.master_port, False, timeout), timeout, namespace)
-    code = run_worker(env, channel)
+    code = run_worker(env, channel, namespace)
     if coordinator_thread is not None:
         coordinator_thread.join()
         if failure:

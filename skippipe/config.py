@@ -168,9 +168,10 @@ class FaultConfig:
     kill: KillConfig = field(default_factory=KillConfig)  # the node's process exits at that step
     error: KillConfig = field(default_factory=KillConfig)  # the node's worker raises at that step
     slow_nodes: Dict[str, float] = field(default_factory=dict)  # node name -> slowdown factor
-    replace: bool = False
+    replace: bool = False  # start a new process/actor for a dead node; it joins when ready
+    rebuild: str = "init"  # a stage with no live replica restarts from: init (seeded) or checkfree
     corrupt: CorruptConfig = field(default_factory=CorruptConfig)
-    slow_threshold: float = 1.5  # measured/planned time above which a node counts as slow
+    slow_threshold: float = 2.0  # a node this many times slower than the median node (3 steps running) is slow
     heartbeat_s: float = 2.0
 
 
@@ -367,6 +368,7 @@ def check_config(cfg: Config) -> None:
     _choice(cfg.data.source, DATA_SOURCES, "data.source")
     _choice(cfg.data.tokenizer, TOKENIZERS, "data.tokenizer")
     _choice(cfg.fault.corrupt.tensor, ("param", "grad", "act"), "fault.corrupt.tensor")
+    _choice(cfg.fault.rebuild, ("init", "checkfree"), "fault.rebuild")
     if cfg.train.steps < 0:
         raise ConfigError(f"train.steps={cfg.train.steps} must be >= 0")
     _positive(cfg.train.samples_per_microbatch, "train.samples_per_microbatch")

@@ -120,6 +120,17 @@ class CostModel:
         np.fill_diagonal(matrix, 0.0)
         return matrix
 
+    def transfer_table_s(self, names: Sequence[str]) -> np.ndarray:
+        """``transfer_s(a, b)`` for every pair of ``names`` (measured link ratios folded in), vectorised."""
+        matrix = self.transfer_matrix_s(names)
+        if self._link_ratio:
+            index = {n: i for i, n in enumerate(names)}
+            for a, b in self._link_ratio:
+                if a in index and b in index:
+                    i, j = index[a], index[b]
+                    matrix[i, j] = matrix[j, i] = self.transfer_s(a, b)
+        return matrix
+
     def stage_param_bytes(self, stage: int) -> int:
         params = self.layers_per_stage[stage] * self.spec.layer_params()
         if stage == 0:
@@ -174,3 +185,45 @@ class CostModel:
 
 def _link(a: str, b: str) -> Tuple[str, str]:
     return (a, b) if a <= b else (b, a)
+
+
+class CachedCost:
+    """A read-only memo of a cost model's ``compute_s``, ``transfer_s`` and ``allreduce_s``.
+
+    The schedulers simulate thousands of candidate plans on one unchanging cost model; looking
+    each time up through the topology dominates those simulations. Values are exactly the wrapped
+    model's (computed by it once), so a plan scores the same on the memo as on the model. Create a
+    new memo after the model changes (``observe_*``).
+    """
+
+    def __init__(self, cost):
+        self.cost = cost
+        self._compute: Dict[Tuple[str, int, str], float] = {}
+        self._transfer: Dict[Tuple[str, str], float] = {}
+        self._allreduce: Dict[Tuple[int, Tuple[str, ...]], float] = {}
+
+    def compute_s(self, node: str, stage: int, phase: str) -> float:
+        key = (node, stage, phase)
+        value = self._compute.get(key)
+        if value is None:
+            value = self._compute[key] = self.cost.compute_s(node, stage, phase)
+        return value
+
+    def transfer_s(self, a: str, b: str, nbytes=None) -> float:
+        if nbytes is not None:
+            return self.cost.transfer_s(a, b, nbytes)
+        key = (a, b)
+        value = self._transfer.get(key)
+        if value is None:
+            value = self._transfer[key] = self.cost.transfer_s(a, b)
+        return value
+
+    def allreduce_s(self, stage: int, nodes: Iterable[str]) -> float:
+        key = (stage, tuple(nodes))
+        value = self._allreduce.get(key)
+        if value is None:
+            value = self._allreduce[key] = self.cost.allreduce_s(stage, list(key[1]))
+        return value
+
+    def __getattr__(self, name):
+        return getattr(self.cost, name)

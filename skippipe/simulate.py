@@ -24,6 +24,7 @@ from skippipe.plan import Plan
 
 _EPS = 1e-9
 _PHASE_RANK = {"B": 0, "L": 1, "F": 2}
+_RANK_PHASE = {rank: phase for phase, rank in _PHASE_RANK.items()}
 
 
 @dataclass
@@ -80,7 +81,10 @@ class _NodeState:
 
 def simulate(plan: Plan, cost, memory: Optional[int] = None, slowdown: Optional[Dict[str, float]] = None,
              use_order: bool = True) -> Timeline:
-    """Run ``plan`` on ``cost``; ``memory`` slots per node (None: plan.extra['memory'] or unlimited)."""
+    """Run ``plan`` on ``cost``; ``memory`` slots per node (None: plan.extra['memory'] or unlimited).
+
+    ``Timeline.order()`` replayed as ``plan.node_order`` reproduces the timeline exactly.
+    """
     if memory is None:
         memory = plan.extra.get("memory") if isinstance(plan.extra.get("memory"), int) else None
     cap = memory if memory is not None else 1 << 30
@@ -127,7 +131,7 @@ def simulate(plan: Plan, cost, memory: Optional[int] = None, slowdown: Optional[
             chain = chains[mb_id]
             if j + 1 < len(chain):
                 push(now + cost.transfer_s(node, chain[j + 1][0]), "ready", (mb_id, j + 1))
-        _try_start(nodes, node, now, cap, ordered, chains, durations, events, collisions, push)
+        _try_start(nodes, node, now, cap, ordered, durations, events, collisions, push)
     if done_actions != total_actions:
         stuck = sorted(n for n, s in nodes.items() if (s.ready_f or s.ready_other or
                                                       (s.order is not None and s.ptr < len(s.order))))
@@ -159,7 +163,7 @@ def _make_ready(state: _NodeState, mb_id: int, j: int, phase: str, now: float) -
         heapq.heappush(state.ready_other, key)
 
 
-def _pick(state: _NodeState, cap: int, ordered: bool, chains):
+def _pick(state: _NodeState, cap: int, ordered: bool):
     if ordered:
         if state.ptr >= len(state.order):
             return None
@@ -179,15 +183,15 @@ def _pick(state: _NodeState, cap: int, ordered: bool, chains):
     return None
 
 
-def _try_start(nodes, node, now, cap, ordered, chains, durations, events, collisions, push) -> None:
+def _try_start(nodes, node, now, cap, ordered, durations, events, collisions, push) -> None:
     state = nodes[node]
     if state.busy:
         return
-    key = _pick(state, cap, ordered, chains)
+    key = _pick(state, cap, ordered)
     if key is None:
         return
-    ready_s, mb_id, _, j = key
-    phase = chains[mb_id][j][1]
+    ready_s, mb_id, rank, j = key
+    phase = _RANK_PHASE[rank]
     if phase == "F":
         state.slots += 1
     if now > ready_s + _EPS:

@@ -6,8 +6,8 @@ from skippipe.cli import main
 from skippipe.plan import Plan
 
 SMALL = ["topology.file=configs/topology/geo2.yaml", "schedule.partition_sizes=[2,2,2]",
-         "schedule.skip_ratio=0.34", "schedule.microbatches_per_originator=2", "schedule.search_budget_s=0.2",
-         "schedule.allocation_budget_s=0.1", "model.preset=tiny"]
+         "schedule.skip_ratio=0.34", "schedule.microbatches_per_originator=2", "schedule.search_budget_s=30",
+         "schedule.allocation_budget_s=30", "model.preset=tiny"]
 
 
 def test_plan_json_has_all_methods(capsys):

@@ -6,8 +6,9 @@ data-plane process group of each generation is built on a prefix of the same sto
 can form a new group after a failure without a new rendezvous service.
 
 Keys (under the prefix ``skippipe/``):
-``config`` -> {config, nodes}; ``cmd/<step>`` -> {step, generation, lr, plan} or {stop: true};
-``report/<step>/<rank>`` -> worker report; ``error/<rank>`` -> one-line error; ``hb/<rank>`` -> time.
+``config`` -> {config, nodes, vocab_size}; ``first/<node>`` -> the first command index a node reads;
+``cmd/<i>`` -> {step, generation, members, lr, plan, commit_step, sync} or {stop} or {abort};
+``report/<i>/<node>`` -> a worker's report or error; ``hb/<node>`` -> time of its last heartbeat.
 """
 
 from __future__ import annotations
@@ -67,18 +68,8 @@ class ControlChannel:
     def command(self, step: int, payload: Dict[str, Any]) -> None:
         self.put(f"cmd/{step}", payload)
 
-    def report(self, step: int, rank: int, payload: Dict[str, Any]) -> None:
-        self.put(f"report/{step}/{rank}", payload)
+    def report(self, index: int, node: str, payload: Dict[str, Any]) -> None:
+        self.put(f"report/{index}/{node}", payload)
 
-    def error(self, rank: int, message: str) -> None:
-        self.put(f"error/{rank}", message)
-
-    def first_error(self, world_size: int) -> Optional[tuple]:
-        keys = [f"error/{r}" for r in range(world_size)]
-        for rank, key in enumerate(keys):
-            if self.store.check([key]):
-                return rank, self.get_now(key)
-        return None
-
-    def heartbeat(self, rank: int) -> None:
-        self.put(f"hb/{rank}", time.time())
+    def heartbeat(self, node: str) -> None:
+        self.put(f"hb/{node}", time.time())

@@ -15,13 +15,14 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List
 
 import torch
 
-from skippipe.config import Config, run_dir, to_dict, to_yaml
-from skippipe.errors import RunFailed
+from skippipe.config import Config, run_dir, to_yaml
 from skippipe.plan import Plan, write_text_atomic
+from skippipe.runtime.faults import FaultMonitor
+from skippipe.runtime.remote import NodeFailure, RemoteExecutor, WorkerFailed  # noqa: F401 (re-exported)
 
 log = logging.getLogger("skippipe")
 
@@ -35,14 +36,6 @@ class StepOutcome:
     @property
     def loss(self) -> float:
         return sum(self.losses[i] for i in sorted(self.losses)) / max(1, len(self.losses))
-
-
-class WorkerFailed(RunFailed):
-    """A worker raised, died or went silent; the message names the node and the cause."""
-
-    def __init__(self, message: str, node: Optional[str] = None):
-        super().__init__(message)
-        self.node = node
 
 
 # ---------------------------------------------------------------------------------------------
@@ -74,78 +67,6 @@ class InProcessExecutor:
 
     def close(self) -> None:
         pass
-
-
-class RemoteExecutor:
-    """Worker processes (local, torchrun or Ray) driven over the control channel."""
-
-    def __init__(self, cfg: Config, control, world_size: int, liveness: Optional[Callable[[], Dict[int, int]]] = None):
-        self.cfg = cfg
-        self.control = control
-        self.world_size = world_size
-        self.liveness = liveness  # rank -> exit code for every worker that has exited
-        self.command_index = 0
-        self.generation = 0
-
-    def start(self, nodes: List[str], vocab_size: int) -> None:
-        if len(nodes) != self.world_size:
-            from skippipe.errors import UserError
-
-            raise UserError(f"the topology has {len(nodes)} nodes but {self.world_size} workers were started; "
-                            f"start exactly {len(nodes)} (e.g. torchrun --nproc_per_node={len(nodes)})")
-        self.nodes = nodes
-        self.control.put("config", {"config": to_dict(self.cfg), "nodes": nodes, "vocab_size": vocab_size})
-
-    def _check_health(self) -> None:
-        first = self.control.first_error(self.world_size)
-        if first is not None:
-            time.sleep(0.3)  # let the other errors land, then blame the root cause, not its neighbours
-            errors = [(r, self.control.get_now(f"error/{r}")) for r in range(self.world_size)
-                      if self.control.has(f"error/{r}")]
-            rank, info = sorted(errors, key=lambda e: (bool(e[1].get("secondary")), e[1].get("time", 0.0)))[0]
-            raise WorkerFailed(f"worker {self.nodes[rank]} (rank {rank}) failed: {info['message']}", self.nodes[rank])
-        if self.liveness is not None:
-            exited = self.liveness()
-            if exited:
-                rank, code = sorted(exited.items())[0]
-                raise WorkerFailed(f"worker {self.nodes[rank]} (rank {rank}) exited with code {code}",
-                                   self.nodes[rank])
-
-    def _gather(self, index: int) -> Dict[int, Dict[str, Any]]:
-        reports = {}
-        for rank in range(self.world_size):
-            try:
-                reports[rank] = self.control.wait_for(f"report/{index}/{rank}", abort=self._check_health,
-                                                      timeout_s=self.cfg.runtime.timeout_s * 2)
-            except TimeoutError:
-                raise WorkerFailed(f"worker {self.nodes[rank]} (rank {rank}) sent no report within "
-                                   f"{self.cfg.runtime.timeout_s * 2:.0f} s (runtime.timeout_s)", self.nodes[rank]) from None
-        return reports
-
-    def step(self, plan: Plan, step: int, lr: float, data=None) -> StepOutcome:
-        index = self.command_index
-        self.control.command(index, {"step": step, "generation": self.generation, "lr": lr, "plan": plan.to_dict()})
-        reports = self._gather(index)
-        self.command_index += 1
-        losses = {int(k): v for r in reports.values() for k, v in r["losses"].items()}
-        missing = sorted({mb.id for mb in plan.microbatches} - set(losses))
-        if missing:
-            raise WorkerFailed(f"step {step}: no loss came back for microbatches {missing}")
-        norm = next(iter(reports.values()))["grad_norm"]
-        return StepOutcome(losses, norm, {r["node"]: r for r in reports.values()})
-
-    def finish(self, out: Path):
-        index = self.command_index
-        self.control.command(index, {"stop": True, "save_dir": str(out)})
-        self._gather(index)
-        self.command_index += 1
-        self.finished = True
-        return None
-
-    def close(self) -> None:
-        """If the run did not finish, tell every worker to exit instead of waiting for a command."""
-        if not getattr(self, "finished", False):
-            self.control.command(self.command_index, {"abort": "the coordinator stopped (see its error)"})
 
 
 def _save_stages(target: Path, stages) -> None:
@@ -224,7 +145,7 @@ class Coordinator:
     def run(self) -> Dict[str, Any]:
         """Train ``train.steps`` steps; returns the final summary (also the last metrics line)."""
         from skippipe.data import load_data
-        from skippipe.metrics import MetricsLogger
+        from skippipe.metrics import MetricsLogger, summary_table
         from skippipe.model.presets import resolve_model_spec
         from skippipe.planner import Planner
         from skippipe.routelog import RouteLog
@@ -248,13 +169,11 @@ class Coordinator:
             routes.close()
             metrics.close()
             executor.close()
-        log.info("done: %d steps in %.1f s, train loss %s, val loss %.4f (ppl %.2f) -> %s", cfg.train.steps,
-                 summary["time/wall_s"], _fmt(summary["loss/train"]), summary["loss/val"], summary["ppl/val"], out)
+        log.info("%s", summary_table(summary, out))
         return summary
 
     def _loop(self, planner, executor, data, spec, metrics, routes, out: Path) -> Dict[str, Any]:
-        from tqdm import tqdm
-
+        from skippipe.metrics import Progress, cluster_stats
         from skippipe.train.evaluate import evaluate, load_stages
         from skippipe.train.optim import lr_at
 
@@ -263,41 +182,44 @@ class Coordinator:
         start = time.perf_counter()
         record: Dict[str, Any] = {}
         tokens = 0
-        bar = tqdm(range(cfg.train.steps), disable=not cfg.tracking.progress, desc="train", unit="step")
-        for step in bar:
+        bar = Progress(cfg.train.steps, cfg.tracking.progress, cfg.tracking.log_every)
+        monitor = self.monitor = FaultMonitor(cfg, planner.topology.names())
+        for step in range(cfg.train.steps):
             t0 = time.perf_counter()
-            plan = planner.plan(step)
             lr = lr_at(step, cfg.train)
-            outcome = executor.step(plan, step, lr, data)
+            plan, outcome = monitor.execute(planner, executor, step, lr, data)  # redone on node failure
             iter_s = time.perf_counter() - t0
             step_tokens = len(plan.microbatches) * samples * spec.seq_len
             tokens += step_tokens
             observe_measurements(planner, outcome, plan)
+            monitor.after_step(planner, outcome, plan)
             record = {"step": step, "loss/train": outcome.loss, "lr": lr, "grad_norm": outcome.grad_norm,
                       "time/iter_s": iter_s, "time/predicted_iter_s": plan.predicted_makespan_s,
                       "time/plan_s": planner.last_plan_s, "throughput/tokens_per_s": step_tokens / iter_s,
-                      **route_stats(plan), **measured_stats(outcome, plan, iter_s)}
+                      **route_stats(plan), **measured_stats(outcome, plan, iter_s),
+                      # verify/chain: pass the ledger's chain head as chain= once the run keeps a ledger
+                      **cluster_stats(planner, plan, monitor.generation, monitor.reroutes), **monitor.metrics()}
             metrics.log(record)
-            routes.record(step, plan, timings={n: {k: r[k] for k in ("compute_s", "recv_wait_s", "step_s")}
+            routes.record(step, plan, generation=monitor.generation, timings={n: {k: r[k] for k in ("compute_s", "recv_wait_s", "step_s")}
                                                for n, r in outcome.node_reports.items()} or None)
-            bar.set_postfix(loss=f"{outcome.loss:.3f}", iter_s=f"{iter_s:.2f}",
-                            skip=f"{record['route/skip_ratio']:.2f}")
+            bar.update(record)
         bar.close()
         stages = executor.finish(out)
         if stages is None:
-            stages = load_stages(out / "final", spec, len(planner.allocation), cfg.run.seed)
+            stages = load_stages(out / "final", spec, len(planner.allocation), cfg.run.seed, allow_missing=True)
+            lost = sorted(set(range(len(planner.allocation))) - set(stages))
+            if lost:
+                log.warning("stages %s lost every replica and were not replaced; validation skips them", lost)
         val = evaluate(stages, data.val_batches(cfg.train.eval_batches, samples, spec.seq_len),
                        device=next(iter(stages.values())).embed.weight.device if 0 in stages else "cpu")
         summary = {"step": cfg.train.steps, "loss/val": val, "ppl/val": math.exp(val),
                    "loss/train": record.get("loss/train"), "time/wall_s": time.perf_counter() - start,
-                   "tokens": tokens}
+                   "tokens": tokens, "route/reroutes": monitor.reroutes,
+                   **{k: record[k] for k in ("verify/chain",) if k in record}}
         metrics.log(summary)
         metrics.summary(summary)
+        metrics.log_run_outputs(out, step=cfg.train.steps)  # plots/*.png, checkpoint manifests (wandb)
         return summary
-
-
-def _fmt(value) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
 
 
 def train_inprocess(cfg: Config) -> Dict[str, Any]:

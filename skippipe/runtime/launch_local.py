@@ -15,36 +15,65 @@ from skippipe.config import Config
 log = logging.getLogger("skippipe")
 
 
-def worker_env(rank: int, world_size: int, addr: str, port: int, threads: int) -> Dict[str, str]:
+def worker_env(rank: int, world_size: int, addr: str, port: int, threads: int, node: str,
+               incarnation: int = 0) -> Dict[str, str]:
     """The torchrun environment contract, so one worker code path serves every launcher."""
     env = dict(os.environ)
     env.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
                 "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": addr, "MASTER_PORT": str(port),
-                "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
+                "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "SKIPPIPE_NODE": node,
+                "SKIPPIPE_INCARNATION": str(incarnation)})
     return env
 
 
-def spawn_workers(world_size: int, addr: str, port: int, threads: int) -> List[subprocess.Popen]:
-    return [subprocess.Popen([sys.executable, "-m", "skippipe.runtime.worker"],
-                             env=worker_env(rank, world_size, addr, port, threads))
-            for rank in range(world_size)]
+class LocalLauncher:
+    """One worker process per node on this machine; watches and replaces them."""
 
+    def __init__(self, nodes: List[str], addr: str, port: int, threads: int):
+        self.nodes, self.addr, self.port, self.threads = list(nodes), addr, port, threads
+        self.procs: Dict[str, subprocess.Popen] = {}
 
-def stop_workers(procs: List[subprocess.Popen], grace_s: float = 5.0) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-    for p in procs:
-        try:
-            p.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+    def _spawn(self, node: str, incarnation: int) -> None:
+        rank = self.nodes.index(node)
+        env = worker_env(rank, len(self.nodes), self.addr, self.port, self.threads, node, incarnation)
+        self.procs[node] = subprocess.Popen([sys.executable, "-m", "skippipe.runtime.worker"], env=env)
+
+    def start(self) -> None:
+        for node in self.nodes:
+            self._spawn(node, 0)
+
+    def exited(self) -> Dict[str, int]:
+        return {node: p.returncode for node, p in self.procs.items() if p.poll() is not None}
+
+    def replace(self, node: str, incarnation: int) -> None:
+        self.kill(node)
+        self._spawn(node, incarnation)
+
+    def kill(self, node: str) -> None:
+        proc = self.procs.get(node)
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    def pid(self, node: str) -> int:
+        return self.procs[node].pid
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs.values():
+            try:
+                p.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
 
 
 def train_local(cfg: Config) -> Dict[str, Any]:
     from skippipe.runtime.control import ControlChannel, connect_store
-    from skippipe.runtime.coordinator import Coordinator, RemoteExecutor
+    from skippipe.runtime.coordinator import Coordinator
+    from skippipe.runtime.remote import RemoteExecutor
     from skippipe.topology import load_topology
     from skippipe.train.loop import pin_threads
 
@@ -52,13 +81,10 @@ def train_local(cfg: Config) -> Dict[str, Any]:
     addr = cfg.runtime.master_addr
     store = connect_store(addr, cfg.runtime.master_port or 0, True, cfg.runtime.timeout_s)
     control = ControlChannel(store, cfg.runtime.timeout_s)
-    world_size = len(load_topology(cfg).nodes)
-    procs = spawn_workers(world_size, addr, store.port, cfg.run.threads)
-
-    def exited() -> Dict[int, int]:
-        return {rank: p.returncode for rank, p in enumerate(procs) if p.poll() is not None}
-
+    nodes = load_topology(cfg).names()
+    launcher = LocalLauncher(nodes, addr, store.port, cfg.run.threads)
+    launcher.start()
     try:
-        return Coordinator(cfg, lambda spec, num_stages: RemoteExecutor(cfg, control, world_size, exited)).run()
+        return Coordinator(cfg, lambda spec, num_stages: RemoteExecutor(cfg, control, len(nodes), launcher)).run()
     finally:
-        stop_workers(procs)
+        launcher.stop()

@@ -1,8 +1,10 @@
 """Point-to-point tensors between nodes, with an optional geo-link emulator.
 
 Each message is a fixed-size float64 header (magic, step, microbatch, kind, dtype, shape, send time)
-followed by the payload, both sent with ``isend`` under the same tag so that sends never block
-(a node can send to a peer that is itself sending). The receiver checks the header against what the
+followed by the payload, both sent asynchronously under the same tag so that sends never block
+(a node can send to a peer that is itself sending). The process group is an explicit object of the
+current generation, so a new generation never has to tear down a group that a stuck operation
+still uses. The receiver checks the header against what the
 plan says it expects, so a peer that sends the wrong step, microbatch, kind, shape or dtype is reported
 by name instead of corrupting training.
 
@@ -19,6 +21,8 @@ same order, and the header check turns any mismatch into a clear error.
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -42,6 +46,55 @@ class TransportError(RuntimeError):
         self.peer = peer
 
 
+class Aborted(RuntimeError):
+    """The coordinator abandoned the step (a node failed elsewhere); stop waiting."""
+
+
+class Waiter:
+    """Runs blocking ``work.wait()`` calls on a helper thread, so the caller can give up.
+
+    Gloo's point-to-point works cannot be polled (``is_completed`` stays false until ``wait``) and
+    ``ProcessGroup.abort`` does not release a blocked receive (both measured with torch 2.13). A peer
+    that is alive but stopped (it failed elsewhere, or hangs) would hold the worker until the group
+    timeout. Here the caller waits on an event, checking every 0.2 s whether the coordinator abandoned
+    the step; if so the blocked thread is left to time out on the discarded group and a fresh thread
+    serves the next generation.
+    """
+
+    def __init__(self):
+        self._start()
+
+    def _start(self) -> None:
+        self._jobs: "queue.SimpleQueue" = queue.SimpleQueue()
+        threading.Thread(target=self._serve, args=(self._jobs,), daemon=True, name="skippipe-wait").start()
+
+    @staticmethod
+    def _serve(jobs) -> None:
+        while True:
+            work, errors, done = jobs.get()
+            try:
+                work.wait()
+            except BaseException as err:  # handed to the caller
+                errors.append(err)
+            done.set()
+
+    def wait(self, work, timeout_s: float, should_abort: Optional[Callable[[], bool]] = None,
+             what: str = "operation") -> None:
+        errors: list = []
+        done = threading.Event()
+        self._jobs.put((work, errors, done))
+        deadline = time.monotonic() + timeout_s
+        while not done.wait(0.2):
+            if should_abort is not None and should_abort():
+                self._start()
+                raise Aborted(f"step abandoned by the coordinator while waiting for {what}")
+            if time.monotonic() > deadline:
+                self._start()
+                raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        if errors:
+            raise errors[0]
+
+
 @dataclass
 class LinkModel:
     """One-way latency (s) and bandwidth (bytes/s) between two node names."""
@@ -57,14 +110,17 @@ def message_tag(microbatch_id: int, kind: int) -> int:
 class Transport:
     """Tagged tensors between named nodes over a torch.distributed process group."""
 
-    def __init__(self, rank_of: Dict[str, int], me: str, device: torch.device, timeout_s: float,
-                 links: Optional[LinkModel] = None, group=None):
+    def __init__(self, pg, rank_of: Dict[str, int], me: str, device: torch.device, timeout_s: float,
+                 links: Optional[LinkModel] = None, should_abort: Optional[Callable[[], bool]] = None,
+                 waiter: Optional[Waiter] = None):
+        self.pg = pg  # a ProcessGroup object of this generation (not the global default group)
+        self.should_abort = should_abort
+        self.waiter = waiter or Waiter()
         self.rank_of = rank_of
         self.me = me
         self.device = device
         self.timeout = timedelta(seconds=timeout_s)
         self.links = links
-        self.group = group
         self._pending: List[Tuple[dist.Work, torch.Tensor]] = []
         self._link_free_at: Dict[str, float] = {}
         self.bytes_sent = 0
@@ -82,20 +138,14 @@ class Transport:
         tag = message_tag(microbatch_id, kind)
         peer = self.rank_of[dst]
         for payload in (header, tensor):
-            work = dist.isend(payload, peer, group=self.group, tag=tag)
-            self._pending.append((work, payload))
+            self._pending.append((self.pg.send([payload], peer, tag), payload))
         self.bytes_sent += tensor.numel() * tensor.element_size()
-        self._reap()
-
-    def _reap(self) -> None:
-        """Drop finished sends (keeping their buffers alive until then)."""
-        self._pending = [(w, t) for w, t in self._pending if not w.is_completed()]
 
     def flush(self) -> None:
-        """Wait for every outstanding send (end of step)."""
-        for work, _ in self._pending:
-            work.wait(self.timeout)
-        self._pending.clear()
+        """Wait for every outstanding send (end of step); buffers stay referenced until then."""
+        pending, self._pending = self._pending, []
+        for work, _ in pending:
+            self.waiter.wait(work, self.timeout.total_seconds(), self.should_abort, "a send to complete")
 
     # -- receive ----------------------------------------------------------------------------
     def recv(self, src: str, step: int, microbatch_id: int, kind: int, shape: Tuple[int, ...],
@@ -105,25 +155,24 @@ class Transport:
         peer = self.rank_of[src]
         start = time.perf_counter()
         header = torch.empty(HEADER_LEN, dtype=torch.float64, device=self.device)
-        self._wait(dist.irecv(header, peer, group=self.group, tag=tag), src, "header", microbatch_id, kind)
+        self._wait(self.pg.recv([header], peer, tag), src, "header", microbatch_id, kind)
         what = f"{KIND_NAMES[kind]} of microbatch {microbatch_id} (step {step}) from node {src}"
         self._check_header(header.cpu().tolist(), step, microbatch_id, kind, shape, dtype, what, src)
         payload = torch.empty(shape, dtype=dtype, device=self.device)
-        self._wait(dist.irecv(payload, peer, group=self.group, tag=tag), src, "payload", microbatch_id, kind)
+        self._wait(self.pg.recv([payload], peer, tag), src, "payload", microbatch_id, kind)
         self.recv_wait_s += time.perf_counter() - start
         if self.links is not None and src != self.me:
             self._emulate_link(src, float(header[-1]), payload.numel() * payload.element_size())
         return payload
 
     def _wait(self, work, src: str, part: str, microbatch_id: int, kind: int) -> None:
+        what = f"the {KIND_NAMES[kind]} {part} of microbatch {microbatch_id} from node {src}"
         try:
-            ok = work.wait(self.timeout)
-        except RuntimeError as err:
-            raise TransportError(f"receiving the {KIND_NAMES[kind]} {part} of microbatch {microbatch_id} "
-                                 f"from node {src} failed: {str(err).splitlines()[0]}", peer=src) from None
-        if ok is False:
-            raise TransportError(f"timed out after {self.timeout.total_seconds():.0f} s waiting for the "
-                                 f"{KIND_NAMES[kind]} of microbatch {microbatch_id} from node {src}", peer=src)
+            self.waiter.wait(work, self.timeout.total_seconds(), self.should_abort, what)
+        except Aborted:
+            raise
+        except (RuntimeError, TimeoutError) as err:
+            raise TransportError(f"receiving {what} failed: {str(err).splitlines()[0]}", peer=src) from None
 
     @staticmethod
     def _check_header(values, step, microbatch_id, kind, shape, dtype, what, src) -> None:

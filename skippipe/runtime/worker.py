@@ -2,11 +2,17 @@
 
 Reads the torchrun environment contract (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT;
 MASTER_PORT is the coordinator's control store), so ``launcher=local``, torchrun and Ray actors all
-run this same code. Each step it receives the plan from the coordinator and runs, in the plan's
+run this same code. ``SKIPPIPE_NODE`` names the node (a replacement joins under the name of the node
+it replaces); otherwise the node is the RANK-th of the coordinator's node list.
+
+Each command carries a generation (the membership epoch), the step's plan and learning rate. The
+worker (1) applies the update of the last step the coordinator declared complete (``commit_step``),
+so no optimizer step is ever half applied across replicas, (2) rebuilds its process group when the
+generation changed (copying stage state to a new replica if told), then (3) runs, in the plan's
 per-node order, the actions that concern it: receive activations, forward, send on (or back to the
-originator), loss at the originator, backward along the exact reverse path. Then it reduces its
-stage's gradient with the stage's replicas in allocation order, clips by the global norm (summed in
-stage order), takes an AdamW step and reports measured times and losses.
+originator), loss at the originator, backward along the exact reverse path, and reduces its stage's
+gradient with the stage's replicas in allocation order (global-norm clip summed in stage order). It
+reports measured times and losses, or the error that stopped it, and waits for the next command.
 
 Run as ``python -m skippipe.runtime.worker`` with those variables set.
 """
@@ -16,21 +22,25 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 
 from skippipe.plan import Plan
 from skippipe.runtime.control import ControlChannel, connect_store
-from skippipe.runtime.transport import ACT, GRAD, LinkModel, Transport, TransportError
+from skippipe.runtime.transport import ACT, GRAD, Aborted, LinkModel, Transport, TransportError, Waiter
 from skippipe.train import compute
 
 log = logging.getLogger("skippipe.worker")
+
+_PEER_FAILURE_WORDS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                       "Connection refused", "timed out", "Timed out", "aborted")
 
 
 @dataclass
@@ -40,6 +50,8 @@ class WorkerEnv:
     local_rank: int
     master_addr: str
     master_port: int
+    node: Optional[str] = None  # SKIPPIPE_NODE
+    incarnation: int = 0  # SKIPPIPE_INCARNATION: 0 for an original node, >0 for a replacement
 
     @classmethod
     def from_environ(cls, environ=os.environ) -> "WorkerEnv":
@@ -48,18 +60,30 @@ class WorkerEnv:
             raise RuntimeError(f"worker: environment variables {', '.join(missing)} are not set "
                                "(start workers with skippipe train, torchrun or the Ray launcher)")
         return cls(int(environ["RANK"]), int(environ["WORLD_SIZE"]), int(environ.get("LOCAL_RANK", 0)),
-                   environ["MASTER_ADDR"], int(environ["MASTER_PORT"]))
+                   environ["MASTER_ADDR"], int(environ["MASTER_PORT"]), environ.get("SKIPPIPE_NODE"),
+                   int(environ.get("SKIPPIPE_INCARNATION", "0")))
 
 
 @dataclass
 class StepTimes:
     compute_s: Dict[str, float] = field(default_factory=lambda: {"F": 0.0, "L": 0.0, "B": 0.0})
     compute_n: Dict[str, int] = field(default_factory=lambda: {"F": 0, "L": 0, "B": 0})
+    cpu_s: Dict[str, float] = field(default_factory=lambda: {"F": 0.0, "L": 0.0, "B": 0.0})
     reduce_s: float = 0.0
 
 
+@dataclass
+class PendingUpdate:
+    """A reduced, clipped gradient waiting for the coordinator's commit of its step."""
+
+    step: int
+    grad: torch.Tensor
+    scale: float
+    lr: float
+
+
 class Worker:
-    """Lifecycle: connect -> setup (on the first plan) -> step ... -> save -> close."""
+    """Lifecycle: connect -> (per generation) setup -> step ... -> save -> close."""
 
     def __init__(self, env: WorkerEnv, control: ControlChannel):
         self.env = env
@@ -70,10 +94,16 @@ class Worker:
         self.cfg = from_dict(message["config"])
         self.nodes: List[str] = message["nodes"]
         self.vocab_size: int = message["vocab_size"]
-        self.me = self.nodes[env.rank]
+        self.me = env.node or self.nodes[env.rank]
         self.device = self._device()
         self.stage = None
+        self.stage_id: Optional[int] = None
         self.generation = -1
+        self.command_index = 0
+        self.world_pg = self.stage_group = self.transport = None
+        self.waiter = Waiter()
+        self.pending: Optional[PendingUpdate] = None
+        self.slowdown = float(self.cfg.fault.slow_nodes.get(self.me, 1.0))
 
     def _device(self) -> torch.device:
         name = self.cfg.train.device
@@ -84,17 +114,19 @@ class Worker:
             return torch.device("cuda", self.env.local_rank)
         return torch.device(name)
 
-    # -- setup ----------------------------------------------------------------------------------
-    def setup(self, plan: Plan, generation: int) -> None:
+    # -- membership -----------------------------------------------------------------------------
+    def setup(self, command: Dict[str, Any], plan: Plan) -> None:
+        """Join generation ``command['generation']``: build the stage if new, form the process
+        group of the live members, and copy stage state to new replicas if the command says so."""
         from skippipe.model.presets import resolve_model_spec
         from skippipe.model.transformer import build_stages
         from skippipe.train.optim import make_optimizer
 
+        self.close()
         cfg = self.cfg
         self.spec = resolve_model_spec(cfg.model, vocab_size=self.vocab_size)
-        stage_of = plan.stage_of()
-        self.stage_id = stage_of.get(self.me)
-        if self.stage_id is not None and self.stage is None:
+        self.stage_id = plan.stage_of().get(self.me)
+        if self.stage_id is not None and (self.stage is None or self.stage.stage_id != self.stage_id):
             self.stage = build_stages(self.spec, plan.num_stages, cfg.run.seed, only=[self.stage_id])[self.stage_id]
             self.stage.to(self.device)
             self.optimizer = make_optimizer(self.stage, cfg.train)
@@ -102,55 +134,142 @@ class Worker:
             from skippipe.data import load_data
 
             self.data = load_data(cfg.data)
-        self._init_groups(plan, generation)
+        members: List[str] = command["members"]
+        self._init_groups(plan, members, command["generation"])
+        for stage, source in sorted((command.get("sync") or {}).items()):
+            self._sync_stage(int(stage), source)
+        for stage, sources in sorted((command.get("rebuild") or {}).items()):
+            self._rebuild_stage(int(stage), sources, plan)
 
-    def _init_groups(self, plan: Plan, generation: int) -> None:
+    def _init_groups(self, plan: Plan, members: List[str], generation: int) -> None:
+        """Process-group objects of this generation (the world, and one per stage with replicas).
+
+        They are explicit objects on store prefixes ``pg/<generation>/...``, not torch's global
+        default group, so the survivors of a failure form new ones without tearing down a group that
+        a stuck receive may still be using (see :class:`~skippipe.runtime.transport.Waiter`)."""
         backend = self.cfg.runtime.backend
         if backend == "auto":
             backend = "nccl" if self.device.type == "cuda" else "gloo"
         timeout = timedelta(seconds=self.cfg.runtime.timeout_s)
-        store = dist.PrefixStore(f"pg/{generation}", self.control.raw)
-        dist.init_process_group(backend, store=store, rank=self.env.rank, world_size=self.env.world_size,
-                                timeout=timeout)
-        self.rank_of = {name: rank for rank, name in enumerate(self.nodes)}
-        # every rank creates every stage group, in stage order (new_group is collective)
-        self.stage_groups = {}
-        for stage, members in enumerate(plan.allocation):
-            ranks = sorted(self.rank_of[n] for n in members)
-            group = dist.new_group(ranks=ranks, timeout=timeout) if len(ranks) > 1 else None
-            self.stage_groups[stage] = (group, ranks)
+        self.members = members
+        self.rank_of = {name: rank for rank, name in enumerate(members)}
+        prefix = f"pg/{generation}"
+        self.world_pg = _make_group(backend, dist.PrefixStore(f"{prefix}/world", self.control.raw),
+                                    self.rank_of[self.me], len(members), timeout)
+        # stage group: the stage's live replicas in allocation order (gather index = that order)
+        self.stage_group = None
+        if self.stage_id is not None:
+            self.stage_members = [n for n in plan.allocation[self.stage_id] if n in self.rank_of]
+            if len(self.stage_members) > 1:
+                store = dist.PrefixStore(f"{prefix}/stage{self.stage_id}", self.control.raw)
+                self.stage_group = _make_group(backend, store, self.stage_members.index(self.me),
+                                               len(self.stage_members), timeout)
         links = None
         if self.cfg.cost.emulate_links:
             from skippipe.topology import load_topology
 
             topo = load_topology(self.cfg)
             links = LinkModel(topo.latency_s, topo.bandwidth_bytes_per_s)
-        self.transport = Transport(self.rank_of, self.me, self.device, self.cfg.runtime.timeout_s, links)
+        self.transport = Transport(self.world_pg, self.rank_of, self.me, self.device, self.cfg.runtime.timeout_s,
+                                   links, should_abort=self._aborted, waiter=self.waiter)
         self.generation = generation
 
+    def _aborted(self) -> bool:
+        """Has the coordinator abandoned the command being executed?"""
+        return self.control.has(f"abort/{self.command_index}")
+
+    def _collective(self, work) -> None:
+        self.waiter.wait(work, self.cfg.runtime.timeout_s, self._aborted, "a gradient collective")
+
+    def _sync_stage(self, stage: int, source: str) -> None:
+        """Broadcast parameters and optimizer state of ``stage`` from ``source`` to its replicas."""
+        if self.stage_id != stage or self.stage_group is None:
+            return
+        options = dist.BroadcastOptions()
+        options.rootRank = self.stage_members.index(source)
+        for tensor in _state_tensors(self.stage, self.optimizer):
+            self._collective(self.stage_group.broadcast([tensor], options))
+
+    def _rebuild_stage(self, stage: int, sources: List[str], plan: Plan) -> None:
+        """CheckFree (arXiv 2506.15461): a stage that lost every replica restarts from the average of
+        its neighbouring stages' blocks (same shapes required), with a fresh optimizer state. Each
+        source sends its block parameters to every node of the rebuilt stage."""
+        from skippipe.model.transformer import split_layers
+
+        layers = [len(ls) for ls in split_layers(self.spec.n_layers, plan.num_stages)]
+        stage_of = plan.stage_of()
+        if any(layers[stage_of[n]] != layers[stage] for n in sources if n in stage_of):
+            log.warning("stage %d: neighbours have other layer counts; keeping the initial parameters", stage)
+            return
+        receivers = [n for n in plan.allocation[stage] if n in self.rank_of]
+        if self.me in sources:
+            flat = torch.cat([p.detach().reshape(-1) for p in self.stage.blocks.parameters()])
+            for node in receivers:
+                self.transport.send(flat, node, -1, stage, GRAD)
+            self.transport.flush()
+        elif self.stage_id == stage:
+            params = list(self.stage.blocks.parameters())
+            numel = sum(p.numel() for p in params)
+            total = torch.zeros(numel, device=self.device)
+            for source in sources:
+                total += self.transport.recv(source, -1, stage, GRAD, (numel,), total.dtype)
+            total /= max(1, len(sources))
+            offset = 0
+            with torch.no_grad():
+                for p in params:
+                    p.copy_(total[offset:offset + p.numel()].view_as(p))
+                    offset += p.numel()
+
     # -- one step -------------------------------------------------------------------------------
+    def commit(self, commit_step: Optional[int]) -> None:
+        """Apply the pending update if its step is the one the coordinator declared complete;
+        drop it if it belongs to a step that is being redone."""
+        from skippipe.train.optim import apply_step
+
+        pending, self.pending = self.pending, None
+        if pending is not None and commit_step is not None and pending.step == commit_step:
+            apply_step(self.stage, self.optimizer, pending.grad, pending.scale, pending.lr)
+
     def _inject_faults(self, step: int) -> None:
-        """``fault.kill`` ends this process; ``fault.error`` raises (tests and demos)."""
+        """``fault.kill`` ends this process; ``fault.error`` raises (tests and demos). A replacement
+        (incarnation > 0) does not repeat its predecessor's fault."""
         fault = self.cfg.fault
+        if self.env.incarnation:
+            return
         if fault.kill.node == self.me and fault.kill.step == step:
             os._exit(137)
         if fault.error.node == self.me and fault.error.step == step:
             raise RuntimeError(f"injected error on node {self.me} at step {step} (fault.error)")
 
-    def step(self, plan: Plan, step: int, lr: float) -> Dict:
+    def step(self, plan: Plan, step: int, lr: float) -> Dict[str, Any]:
         self._inject_faults(step)
         start = time.perf_counter()
         times = StepTimes()
         losses = self._run_actions(plan, step, times)
         t0 = time.perf_counter()
-        grad_norm = self._reduce_and_update(plan, lr)
+        grad_norm = self._reduce(plan, step, lr)
         times.reduce_s = time.perf_counter() - t0
         self.transport.flush()
-        return {"losses": {str(k): v for k, v in losses.items()}, "compute_s": times.compute_s,
-                "compute_n": times.compute_n, "reduce_s": times.reduce_s, "grad_norm": grad_norm,
+        return {"ok": True, "losses": {str(k): v for k, v in losses.items()}, "compute_s": times.compute_s,
+                "compute_n": times.compute_n, "compute_cpu_s": times.cpu_s, "reduce_s": times.reduce_s, "grad_norm": grad_norm,
                 "recv_wait_s": self.transport.recv_wait_s, "emulated_delay_s": self.transport.emulated_delay_s,
                 "step_s": time.perf_counter() - start, "node": self.me, "stage": self.stage_id,
                 "peak_rss_mb": _peak_rss_mb()}
+
+    def _timed(self, times: StepTimes, phase: str, fn, *args):
+        """Run one compute phase; record wall time (what the pipeline waits for) and, on CPU, this
+        thread's CPU time (what the node's speed is: immune to other processes sharing the cores)."""
+        t0, c0 = time.perf_counter(), time.thread_time()
+        result = fn(*args)
+        elapsed, cpu = time.perf_counter() - t0, time.thread_time() - c0
+        if self.slowdown != 1.0:  # fault.slow_nodes: emulate a slower device
+            time.sleep(elapsed * (self.slowdown - 1.0))
+            elapsed *= self.slowdown
+            cpu *= self.slowdown
+        times.compute_s[phase] += elapsed
+        times.cpu_s[phase] += cpu if self.device.type == "cpu" else elapsed
+        times.compute_n[phase] += 1
+        return result
 
     def _run_actions(self, plan: Plan, step: int, times: StepTimes) -> Dict[int, float]:
         cfg, stage = self.cfg, self.stage
@@ -171,56 +290,44 @@ class Worker:
                     x, targets[mb_id] = mb.inputs.to(self.device), mb.targets.to(self.device)
                 else:
                     x = self.transport.recv(nodes[i - 1], step, mb_id, ACT, act_shape, dtype)
-                t0 = time.perf_counter()
-                out, saved[mb_id] = compute.forward(stage, x)
-                times.compute_s["F"] += time.perf_counter() - t0
-                times.compute_n["F"] += 1
+                out, saved[mb_id] = self._timed(times, "F", compute.forward, stage, x)
                 self.transport.send(out, after, step, mb_id, ACT)
             elif phase == "L":
                 hidden = self.transport.recv(nodes[-1], step, mb_id, ACT, act_shape, dtype)
-                t0 = time.perf_counter()
-                loss, grad, head_grads = compute.loss_and_head_grads(stage, hidden, targets.pop(mb_id))
-                times.compute_s["L"] += time.perf_counter() - t0
-                times.compute_n["L"] += 1
+                loss, grad, head_grads = self._timed(times, "L", compute.loss_and_head_grads, stage, hidden,
+                                                     targets.pop(mb_id))
                 self.acc.add(mb_id, compute.head_params(stage), head_grads)
                 losses[mb_id] = float(loss)
                 self.transport.send(grad, nodes[-1], step, mb_id, GRAD)
             else:
                 grad = self.transport.recv(after, step, mb_id, GRAD, act_shape, dtype)
-                t0 = time.perf_counter()
-                grad_in, body_grads = compute.backward(stage, saved.pop(mb_id), grad)
-                times.compute_s["B"] += time.perf_counter() - t0
-                times.compute_n["B"] += 1
+                grad_in, body_grads = self._timed(times, "B", compute.backward, stage, saved.pop(mb_id), grad)
                 self.acc.add(mb_id, compute.body_params(stage), body_grads)
                 self.acc.complete(mb_id)
                 if i > 0:
                     self.transport.send(grad_in, nodes[i - 1], step, mb_id, GRAD)
         return losses
 
-    def _reduce_and_update(self, plan: Plan, lr: float) -> float:
-        """Stage gradient = replica sums in allocation order / M; global-norm clip; AdamW step."""
-        from skippipe.train.optim import apply_step
-
+    def _reduce(self, plan: Plan, step: int, lr: float) -> float:
+        """Stage gradient = replica sums in allocation order / M; global norm summed in stage order.
+        The clipped update is held until the coordinator commits this step."""
         num_mb = len(plan.microbatches)
         grad = None
         if self.stage is not None:
             mine = self.acc.result()
-            group, ranks = self.stage_groups[self.stage_id]
-            if group is None:
+            if self.stage_group is None:
                 totals = [mine]
-            else:
-                gathered = [torch.empty_like(mine) for _ in ranks]
-                dist.all_gather(gathered, mine, group=group)
-                by_rank = dict(zip(ranks, gathered))
-                totals = [by_rank[self.rank_of[n]] for n in plan.allocation[self.stage_id]]
+            else:  # gathered in allocation order of the live replicas
+                totals = [torch.empty_like(mine) for _ in self.stage_members]
+                self._collective(self.stage_group.allgather([totals], [mine]))
             grad = compute.reduce_replicas(totals, num_mb)
         # global norm: one squared norm per stage (replicas agree), summed in stage order
-        mine_sq = compute.grad_sq_norm(grad) if grad is not None else torch.zeros((), dtype=torch.float64)
-        entry = torch.tensor([-1.0 if self.stage_id is None else float(self.stage_id), float("nan")],
-                             dtype=torch.float64, device=self.device)
-        entry[1] = mine_sq.to(self.device)
-        entries = [torch.empty_like(entry) for _ in range(self.env.world_size)]
-        dist.all_gather(entries, entry)
+        entry = torch.zeros(2, dtype=torch.float64, device=self.device)
+        entry[0] = -1.0 if self.stage_id is None else float(self.stage_id)
+        if grad is not None:
+            entry[1] = compute.grad_sq_norm(grad).to(self.device)
+        entries = [torch.empty_like(entry) for _ in self.members]
+        self._collective(self.world_pg.allgather([entries], [entry]))
         per_stage = {}
         for e in entries:
             stage_id = int(e[0])
@@ -228,13 +335,14 @@ class Worker:
                 per_stage[stage_id] = e[1].cpu()
         norm, scale = compute.clip_coefficient([per_stage[k] for k in sorted(per_stage)], self.cfg.train.grad_clip)
         if grad is not None:
-            apply_step(self.stage, self.optimizer, grad, scale, lr)
+            self.pending = PendingUpdate(step, grad, scale, lr)
         return norm
 
     # -- end --------------------------------------------------------------------------------------
     def save_final(self, plan: Plan, out_dir: str) -> None:
-        """The first replica of each stage writes its parameters (tensors only) for eval."""
-        if self.stage is None or plan.allocation[self.stage_id][0] != self.me:
+        """The first live replica of each stage writes its parameters (tensors only) for eval."""
+        live = [n for n in plan.allocation[self.stage_id] if n in self.rank_of] if self.stage is not None else []
+        if not live or live[0] != self.me:
             return
         from pathlib import Path
 
@@ -245,8 +353,33 @@ class Worker:
         tmp.replace(target / f"stage{self.stage_id}.pt")
 
     def close(self) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        """Drop this generation's groups. They are not destroyed: a receive abandoned after a failure
+        may still be blocked in one until the group timeout, and then ends harmlessly."""
+        self.world_pg = self.stage_group = self.transport = None
+        self.generation = -1
+
+
+def _make_group(backend: str, store, rank: int, size: int, timeout: timedelta):
+    if backend == "gloo":
+        return dist.ProcessGroupGloo(store, rank, size, timeout)
+    if backend == "nccl":
+        options = dist.ProcessGroupNCCL.Options()
+        options._timeout = timeout
+        return dist.ProcessGroupNCCL(store, rank, size, options)
+    raise ValueError(f"runtime.backend={backend!r}: use gloo or nccl")
+
+
+def _state_tensors(stage, optimizer) -> List[torch.Tensor]:
+    """Parameters, then AdamW moments and step counters, in a fixed order (for replica sync)."""
+    tensors = [p.data for p in stage.parameters()]
+    for p in stage.parameters():
+        state = optimizer.state[p]
+        if not state:  # a fresh optimizer: create the state the source will send
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        tensors += [state["exp_avg"], state["exp_avg_sq"], state["step"]]
+    return tensors
 
 
 def _peak_rss_mb() -> float:
@@ -255,65 +388,92 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def serve(env: WorkerEnv, control: ControlChannel) -> None:
-    """The worker loop: wait for each step's command, run it, report; stop when told."""
+def describe_error(err: BaseException) -> Dict[str, Any]:
+    """One line for the coordinator. ``secondary`` marks errors caused by a failed peer (not to be
+    blamed); ``bad_peer`` names a peer that sent a message that does not match the plan."""
+    text = str(err).splitlines()[0] if str(err) else ""
+    peer = err.peer if isinstance(err, TransportError) else None
+    bad_message = isinstance(err, TransportError) and "bad message" in text
+    secondary = ((peer is not None and not bad_message) or isinstance(err, Aborted)
+                 or any(w in str(err) for w in _PEER_FAILURE_WORDS))
+    return {"ok": False, "message": f"{type(err).__name__}: {text}", "peer": peer, "secondary": secondary,
+            "bad_peer": peer if bad_message else None, "time": time.time()}
+
+
+def _heartbeat(control_addr, port, namespace, name, period_s, stop: threading.Event) -> None:
+    """A separate store connection, so a worker stuck in compute or a receive still beats."""
+    try:
+        channel = ControlChannel(connect_store(control_addr, port, False, 30.0), 30.0, namespace)
+        while not stop.wait(period_s):
+            channel.heartbeat(name)
+    except Exception:  # the coordinator is gone; the main loop will notice
+        return
+
+
+def serve(env: WorkerEnv, control: ControlChannel, namespace: str = "") -> None:
+    """The worker loop: wait for each command, run it, report; stop when told."""
     worker = Worker(env, control)
     torch.set_num_threads(worker.cfg.run.threads)
-    step = 0
+    stop = threading.Event()
+    threading.Thread(target=_heartbeat, args=(env.master_addr, env.master_port, namespace, worker.me,
+                                              worker.cfg.fault.heartbeat_s, stop), daemon=True).start()
+    control.put(f"ready/{worker.me}/{env.incarnation}", time.time())
+    index = control.wait_for(f"first/{worker.me}/{env.incarnation}", timeout_s=worker.cfg.runtime.timeout_s * 4)
     plan = None
     try:
         while True:
-            command = control.wait_for(f"cmd/{step}", timeout_s=worker.cfg.runtime.timeout_s * 4)
+            command = control.wait_for(f"cmd/{index}", timeout_s=worker.cfg.runtime.timeout_s * 4)
+            worker.command_index = index
             if command.get("abort"):
                 raise RuntimeError(f"the coordinator aborted the run: {command['abort']}")
-            if command.get("stop"):
-                if plan is not None and command.get("save_dir"):
-                    worker.save_final(plan, command["save_dir"])
-                control.report(step, env.rank, {"stopped": True})
-                break
-            plan = Plan.from_dict(command["plan"])
-            if command["generation"] != worker.generation:
-                worker.setup(plan, command["generation"])
-            control.report(step, env.rank, worker.step(plan, command["step"], command["lr"]))
-            step += 1
-    except Exception as err:
-        report_error(control, env.rank, err)
-        raise
+            if worker.me not in command.get("members", [worker.me]):
+                return  # excluded from the new generation
+            try:
+                worker.commit(command.get("commit_step"))
+                if command.get("stop"):
+                    if plan is not None and command.get("save_dir"):
+                        worker.save_final(plan, command["save_dir"])
+                    control.report(index, worker.me, {"ok": True, "stopped": True})
+                    return
+                plan = Plan.from_dict(command["plan"])
+                if command["generation"] != worker.generation:
+                    worker.setup(command, plan)
+                control.report(index, worker.me, worker.step(plan, command["step"], command["lr"]))
+            except Exception as err:  # report, drop this generation's groups, wait for the next command
+                info = describe_error(err)
+                control.report(index, worker.me, info)
+                if info["secondary"]:  # caused by a peer: one line; the coordinator names the cause
+                    log.warning("step abandoned: %s", info["message"][:200])
+                else:
+                    traceback.print_exc(file=sys.stderr)
+                worker.close()
+            index += 1
     finally:
+        stop.set()
         worker.close()
+
+
+def run_worker(env: WorkerEnv, control: ControlChannel, namespace: str = "") -> int:
+    try:
+        serve(env, control, namespace)
+    except Exception:
+        traceback.print_exc(file=sys.stderr)
+        return 1
+    return 0
 
 
 def main() -> int:
     threads = os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(int(threads))
     env = WorkerEnv.from_environ()
-    logging.basicConfig(level=logging.WARNING, format=f"[rank {env.rank}] %(levelname)s %(message)s")
-    control = ControlChannel(connect_store(env.master_addr, env.master_port, False, 60.0), timeout_s=60.0,
-                             namespace=os.environ.get("SKIPPIPE_NAMESPACE", ""))
-    return run_worker(env, control)
-
-
-_PEER_FAILURE_WORDS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
-
-
-def report_error(control: ControlChannel, rank: int, err: BaseException) -> None:
-    """One line to the coordinator, before our connections close, so the root cause is reported
-    first; errors caused by a failed peer are marked ``secondary`` so they are not blamed."""
-    text = str(err).splitlines()[0] if str(err) else ""
-    peer = err.peer if isinstance(err, TransportError) else None
-    secondary = peer is not None or any(word in str(err) for word in _PEER_FAILURE_WORDS)
-    control.error(rank, {"message": f"{type(err).__name__}: {text}", "peer": peer, "secondary": secondary,
-                         "time": time.time()})
-
-
-def run_worker(env: WorkerEnv, control: ControlChannel) -> int:
-    """Serve until stopped; on failure report one line to the coordinator and return 1."""
-    try:
-        serve(env, control)
-    except Exception:  # the full trace to our stderr; the one line went to the coordinator in serve
-        traceback.print_exc(file=sys.stderr)
-        return 1
-    return 0
+    logging.basicConfig(level=logging.WARNING, format=f"[{env.node or env.rank}] %(levelname)s %(message)s")
+    namespace = os.environ.get("SKIPPIPE_NAMESPACE", "")
+    control = ControlChannel(connect_store(env.master_addr, env.master_port, False, 60.0), 60.0, namespace)
+    code = run_worker(env, control, namespace)
+    # skip interpreter teardown: a receive abandoned after a failure may still block in a helper thread
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -5,18 +5,22 @@ Objective (to minimise), as the SkipPipe reference's GCMA: ``dp_cost + 2 * pp_co
 shortest closed tour from stage 0 over a stage-level matrix whose entry (i, j) is the bottleneck
 matching between the groups of stages i and j, edges ``transfer(a, b) + fwd(a)``.
 
-Search: instead of the reference's genetic algorithm (hours at scale) we build several greedy
-"nearest group" seeds and improve the best by random node swaps between stages, scored
-incrementally with numpy, under ``schedule.allocation_budget_s``. Memory: a node whose memory
+Search: instead of the reference's genetic algorithm (hours at scale) we build 12 greedy
+"nearest group" seeds and improve the best by a fixed number of random node swaps between stages
+(``allocation_moves``), scored incrementally with numpy (bottleneck matchings of small groups by
+enumeration); the result is a function of the inputs and the seed, never of machine speed, and
+``schedule.allocation_budget_s`` is only a safety cap. Memory: a node whose memory
 cannot hold a stage (parameters, gradients, AdamW moments and ``memory`` microbatches of
 activations) is penalised out of it.
 """
 
 from __future__ import annotations
 
+import itertools
+import logging
 import random
 import time
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -25,6 +29,8 @@ from scipy.sparse.csgraph import maximum_bipartite_matching
 
 from skippipe.errors import ConfigError, TopologyError
 from skippipe.schedule.tsp import best_tour
+
+log = logging.getLogger(__name__)
 
 _MISFIT_PENALTY_S = 1e6
 _EXACT_MATCHING_MAX = 400  # n_i * n_j up to which the bottleneck matching is solved exactly
@@ -48,24 +54,73 @@ def partition_sizes(cfg, num_nodes: int) -> List[int]:
     return [base + num_nodes - base * stages] + [base] * (stages - 1)
 
 
+_ENUMERATE_MAX = 3000  # injective assignments up to which the bottleneck is found by enumeration
+_PERMS: dict = {}
+
+
+def _injections(rows: int, cols: int) -> Optional[np.ndarray]:
+    """All injective maps rows -> cols as an (P, rows) index array, or None when P is too large."""
+    key = (rows, cols)
+    if key not in _PERMS:
+        count = 1
+        for i in range(rows):
+            count *= cols - i
+        _PERMS[key] = (np.array(list(itertools.permutations(range(cols), rows)), dtype=np.int64).reshape(-1, rows)
+                       if count <= _ENUMERATE_MAX else None)
+    return _PERMS[key]
+
+
 def bottleneck_matching(edge: np.ndarray) -> float:
-    """Smallest t such that a matching saturating the smaller side uses only edges <= t."""
+    """Smallest t such that a matching saturating the smaller side uses only edges <= t.
+
+    Exact by enumeration for small groups, exact by bisection over matchings up to
+    ``_EXACT_MATCHING_MAX`` cells, else the row bound (tight when nodes cluster in regions).
+    """
     rows, cols = edge.shape
     if rows > cols:
         edge, rows, cols = edge.T, cols, rows
-    lower = float(edge.min(axis=1).max())
+    perms = _injections(rows, cols)
+    if perms is not None:
+        return float(edge[np.arange(rows), perms].max(axis=1).min())
     if rows * cols > _EXACT_MATCHING_MAX:
-        return lower  # the row bound; tight when nodes cluster in regions
-    values = np.unique(edge[edge >= lower])
+        lower = _class_bound(edge)
+        return max(lower, _class_bound(edge.T)) if rows == cols else lower
+    lower = float(edge.min(axis=1).max())
+    if rows == cols:
+        lower = max(lower, float(edge.min(axis=0).max()))
+    if _saturates(edge <= lower, rows):
+        return lower
+    values = np.unique(edge[edge > lower])
     lo, hi = 0, len(values) - 1
     while lo < hi:
         mid = (lo + hi) // 2
-        graph = csr_matrix((edge <= values[mid]).astype(np.int8))
-        if (maximum_bipartite_matching(graph, perm_type="column") >= 0).sum() == rows:
+        if _saturates(edge <= values[mid], rows):
             hi = mid
         else:
             lo = mid + 1
     return float(values[lo])
+
+
+def _class_bound(edge: np.ndarray) -> float:
+    """Hall's condition for each class of identical rows (all rows must be matched).
+
+    ``a`` identical rows need ``a`` distinct columns, so the bottleneck is at least the a-th
+    smallest entry of that row. Nodes of one region (and speed) have identical rows, so this catches
+    what the plain row bound misses: 15 NL nodes facing a group of 25 with 11 London nodes must use
+    an NL-London link (132 s in the GCP table) however they are matched.
+    """
+    unique, counts = np.unique(edge, axis=0, return_counts=True)
+    kth = np.minimum(counts, edge.shape[1]) - 1
+    return float(np.sort(unique, axis=1)[np.arange(len(unique)), kth].max())
+
+
+def _saturates(allowed: np.ndarray, rows: int) -> bool:
+    """Does the bipartite graph ``allowed`` (rows x cols) have a matching covering every row?"""
+    r, c = np.nonzero(allowed)
+    indptr = np.zeros(allowed.shape[0] + 1, dtype=np.int32)
+    np.cumsum(np.bincount(r, minlength=allowed.shape[0]), out=indptr[1:])
+    graph = csr_matrix((np.ones(len(c), dtype=np.int8), c.astype(np.int32), indptr), shape=allowed.shape)
+    return int((maximum_bipartite_matching(graph, perm_type="column") >= 0).sum()) == rows
 
 
 class _Scorer:
@@ -74,6 +129,13 @@ class _Scorer:
     def __init__(self, cost_s: np.ndarray, weight_s: np.ndarray, misfit: np.ndarray, num_stages: int):
         self.cost_s = cost_s
         self.edge = cost_s + weight_s[:, None]
+        # symmetric edges (symmetric links, equal compute): one matching per pair of stages
+        self.symmetric = bool(np.allclose(self.edge, self.edge.T, rtol=0, atol=0))
+        # classes of nodes with identical edge rows / columns (one region and speed), for the
+        # Hall bound of large groups (``_class_bound``) without comparing rows at every move
+        _, self.row_class = np.unique(self.edge, axis=0, return_inverse=True)
+        _, self.col_class = np.unique(self.edge.T, axis=0, return_inverse=True)
+        self.row_class, self.col_class = self.row_class.ravel(), self.col_class.ravel()
         self.misfit = misfit
         self.num_stages = num_stages
 
@@ -83,8 +145,30 @@ class _Scorer:
     def diameter(self, group: np.ndarray) -> float:
         return float(self.cost_s[np.ix_(group, group)].max()) if len(group) > 1 else 0.0
 
+    def _large(self, a: np.ndarray, b: np.ndarray) -> float:
+        """bottleneck_matching's bound for large groups (class Hall bound), from the node classes."""
+        rows, cols = (a, b) if len(a) <= len(b) else (b, a)
+        transpose = len(a) > len(b)
+        value = self._hall(rows, cols, transpose)
+        if len(a) == len(b):
+            value = max(value, self._hall(cols, rows, not transpose))
+        return value
+
+    def _hall(self, rows: np.ndarray, cols: np.ndarray, transpose: bool) -> float:
+        classes = self.col_class if transpose else self.row_class
+        labels, first, counts = np.unique(classes[rows], return_index=True, return_counts=True)
+        reps = rows[first]
+        sub = self.edge[np.ix_(cols, reps)].T if transpose else self.edge[np.ix_(reps, cols)]
+        kth = np.minimum(counts, len(cols)) - 1
+        return float(np.sort(sub, axis=1)[np.arange(len(reps)), kth].max())
+
     def pair(self, a: np.ndarray, b: np.ndarray) -> float:
+        if len(a) * len(b) > _EXACT_MATCHING_MAX:
+            ab = self._large(a, b)
+            return ab if self.symmetric else max(ab, self._large(b, a))
         ab = bottleneck_matching(self.edge[np.ix_(a, b)])
+        if self.symmetric:
+            return ab
         ba = bottleneck_matching(self.edge[np.ix_(b, a)])
         return max(ab, ba)
 
@@ -128,16 +212,21 @@ def _greedy_seed(cost_s: np.ndarray, sizes: List[int], start: int, order: List[i
     return labels
 
 
-def _local_search(scorer: _Scorer, labels: np.ndarray, budget_s: float, rng: random.Random,
-                  max_moves: int = 500) -> np.ndarray:
+def allocation_moves(num_nodes: int, num_stages: int) -> int:
+    """Swap attempts of the allocation's local search: fixed by the problem size, never by time."""
+    return 0 if num_stages < 2 else int(min(2000 if num_nodes > 300 else 3000, max(1500, 3 * num_nodes),
+                                            100 * num_nodes))
+
+
+def _local_search(scorer: _Scorer, labels: np.ndarray, rng: random.Random, moves: int,
+                  deadline: float) -> Tuple[np.ndarray, bool]:
+    """Random swaps of two nodes between stages, kept when the score does not get worse."""
     groups, diam, stage = scorer.full(labels)
     best = scorer.score(labels, diam, stage)
-    deadline = time.perf_counter() + budget_s
     n, stages = len(labels), scorer.num_stages
-    # a fixed move count keeps the allocation a function of the seed; the budget only guards
-    for _ in range(max_moves if stages > 1 else 0):
-        if time.perf_counter() > deadline:
-            break
+    for move in range(moves):
+        if move % 64 == 63 and time.perf_counter() > deadline:
+            return labels, True
         a, b = rng.randrange(n), rng.randrange(n)
         sa, sb = int(labels[a]), int(labels[b])
         if sa == sb:
@@ -150,14 +239,14 @@ def _local_search(scorer: _Scorer, labels: np.ndarray, budget_s: float, rng: ran
         new_stage = stage.copy()
         for k in (sa, sb):
             for j in range(stages):
-                if j != k:
+                if j != k and not (k == sb and j == sa):
                     new_stage[k, j] = new_stage[j, k] = scorer.pair(new_groups[k], new_groups[j])
         score = scorer.score(labels, new_diam, new_stage)
         if score <= best:
             best, groups, diam, stage = score, new_groups, new_diam, new_stage
         else:
             labels[a], labels[b] = sa, sb
-    return labels
+    return labels, False
 
 
 def _order_stages(scorer: _Scorer, labels: np.ndarray, sizes: List[int]) -> List[int]:
@@ -181,7 +270,12 @@ def _align_replicas(cost_s: np.ndarray, groups: List[List[int]]) -> List[List[in
 
 
 def allocate(topology, cost, cfg, budget_s: Optional[float] = None) -> List[List[str]]:
-    """Node names per stage, stage 0 first, minimising the DT-FM score (DESIGN.md section 4)."""
+    """Node names per stage, stage 0 first, minimising the DT-FM score (DESIGN.md section 4).
+
+    Deterministic in (topology, cost, config, seed): 12 greedy seeds, then a fixed number of swap
+    attempts (``allocation_moves``). ``schedule.allocation_budget_s`` (or ``budget_s``) is only a
+    safety cap on wall-clock time; hitting it logs a warning, as the result then depends on speed.
+    """
     names = topology.names()
     sizes = partition_sizes(cfg, len(names))
     stages = len(sizes)
@@ -193,9 +287,13 @@ def allocate(topology, cost, cfg, budget_s: Optional[float] = None) -> List[List
     scorer = _Scorer(cost_s, weight_s, misfit, stages)
     rng = random.Random(cfg.schedule.seed if cfg.schedule.seed is not None else cfg.run.seed)
     if budget_s is None:
-        budget_s = getattr(cfg.schedule, "allocation_budget_s", 2.0)
-    labels = _best_seed(scorer, cost_s, sizes, rng, budget_s)
-    labels = _local_search(scorer, labels, 2 * budget_s, rng)
+        budget_s = getattr(cfg.schedule, "allocation_budget_s", 120.0)
+    deadline = time.perf_counter() + budget_s
+    labels = _best_seed(scorer, cost_s, sizes, rng)
+    labels, capped = _local_search(scorer, labels, rng, allocation_moves(len(names), stages), deadline)
+    if capped:
+        log.warning("allocation hit schedule.allocation_budget_s=%.1f s: the result depends on machine speed",
+                    budget_s)
     bad = np.flatnonzero(misfit[np.arange(len(names)), labels])
     if len(bad):
         node = names[bad[0]]
@@ -206,17 +304,13 @@ def allocate(topology, cost, cfg, budget_s: Optional[float] = None) -> List[List
     return [[names[i] for i in group] for group in _align_replicas(cost_s, groups)]
 
 
-def _best_seed(scorer: _Scorer, cost_s: np.ndarray, sizes: List[int], rng: random.Random,
-               budget_s: float) -> np.ndarray:
+def _best_seed(scorer: _Scorer, cost_s: np.ndarray, sizes: List[int], rng: random.Random) -> np.ndarray:
     n = len(cost_s)
     starts = list(range(n))
     rng.shuffle(starts)
     order_fwd = list(range(len(sizes)))
     best, best_score = None, np.inf
-    deadline = time.perf_counter() + budget_s
     for i, start in enumerate(starts[:12]):
-        if best is not None and time.perf_counter() > deadline:
-            break
         order = order_fwd if i % 2 == 0 else order_fwd[::-1]
         labels = _greedy_seed(cost_s, sizes, start, order)
         _, diam, stage = scorer.full(labels)

@@ -17,33 +17,42 @@ def tour_cost(dist: np.ndarray, tour: List[int]) -> float:
     return float(sum(dist[tour[i], tour[(i + 1) % len(tour)]] for i in range(len(tour))))
 
 
+_LAYERS: dict = {}
+
+
+def _layers(m: int):
+    """For subsets of m cities by size (2..m) and each end city k: the masks holding k, without k."""
+    if m not in _LAYERS:
+        masks = np.arange(1 << m)
+        popcount = np.array([bin(x).count("1") for x in range(1 << m)])
+        out = []
+        for size in range(2, m + 1):
+            layer = masks[popcount == size]
+            for k in range(m):
+                with_k = layer[(layer & (1 << k)) != 0]
+                out.append((k, with_k, with_k ^ (1 << k), np.arange(len(with_k))))
+        _LAYERS[m] = out
+    return _LAYERS[m]
+
+
 def held_karp(dist: np.ndarray) -> Tuple[float, List[int]]:
-    """Exact shortest closed tour from city 0 (numpy over the last city for each subset)."""
+    """Exact shortest closed tour from city 0; the DP runs layer by layer (subset size), in numpy."""
+    dist = np.asarray(dist, dtype=np.float64)
     n = len(dist)
     if n <= 2:
         return tour_cost(dist, list(range(n))), list(range(n))
-    full = 1 << (n - 1)  # subsets of cities 1..n-1
-    best = np.full((full, n - 1), np.inf)
-    parent = np.full((full, n - 1), -1, dtype=np.int64)
+    m = n - 1  # cities 1..n-1 as bits 0..m-1
+    full = 1 << m
+    best = np.full((full, m), np.inf)
+    parent = np.full((full, m), -1, dtype=np.int64)
     sub = dist[1:, 1:]
-    for j in range(n - 1):
+    for j in range(m):
         best[1 << j, j] = dist[0, j + 1]
-    for mask in range(1, full):
-        row = best[mask]
-        if not np.isfinite(row).any():
-            continue
-        # extend every end city j in mask to every city k not in mask
-        cand = row[:, None] + sub  # (j, k)
-        best_j = np.argmin(cand, axis=0)
-        vals = cand[best_j, np.arange(n - 1)]
-        for k in range(n - 1):
-            bit = 1 << k
-            if mask & bit:
-                continue
-            new = mask | bit
-            if vals[k] < best[new, k]:
-                best[new, k] = vals[k]
-                parent[new, k] = best_j[k]
+    for k, with_k, without_k, rows in _layers(m):
+        cand = best[without_k] + sub[:, k][None, :]  # (masks, j): end at j, then go to k
+        j = np.argmin(cand, axis=1)
+        best[with_k, k] = cand[rows, j]
+        parent[with_k, k] = j
     last = best[full - 1] + dist[1:, 0]
     end = int(np.argmin(last))
     tour, mask = [], full - 1

@@ -15,18 +15,25 @@ from skippipe.model.transformer import Stage, build_stages, forward_path
 def evaluate(stages: Dict[int, Stage], batches, stage_path: Optional[Sequence[int]] = None,
              device: str | torch.device = "cpu") -> float:
     """Mean loss over ``batches`` along ``stage_path`` (stages after 0; default: all in order)."""
-    path = list(range(1, len(stages))) if stage_path is None else list(stage_path)
+    path = sorted(k for k in stages if k != 0) if stage_path is None else list(stage_path)
     total = 0.0
     for inputs, targets in batches:
         total += float(forward_path(stages, inputs.to(device), targets.to(device), path))
     return total / max(1, len(batches))
 
 
-def load_stages(directory: Path, spec, num_stages: int, seed: int = 0) -> Dict[int, Stage]:
-    """Stages saved as ``stage<k>.pt`` (tensors only; loaded with weights_only=True)."""
+def load_stages(directory: Path, spec, num_stages: int, seed: int = 0,
+                allow_missing: bool = False) -> Dict[int, Stage]:
+    """Stages saved as ``stage<k>.pt`` (tensors only; loaded with weights_only=True).
+
+    ``allow_missing``: leave out non-zero stages that have no file (a stage that lost every replica
+    during training and was never replaced); paths then skip them, as training did."""
     stages = build_stages(spec, num_stages, seed)
-    for k, stage in stages.items():
+    for k, stage in list(stages.items()):
         path = Path(directory) / f"stage{k}.pt"
+        if not path.is_file() and allow_missing and k != 0:
+            del stages[k]
+            continue
         if not path.is_file():
             raise UserError(f"'{path}' is missing; was the run finished?")
         try:

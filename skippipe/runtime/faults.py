@@ -1,0 +1,122 @@
+"""Fault tolerance in the coordinator: redo a failed step in a new generation, route around slow
+nodes, count what happened.
+
+SkipPipe's point (arXiv 2502.19913, DESIGN.md section 5): skipping is already legal, so a dead node is
+simply not routed to, a slow node is routed to less, and a stage that has lost every replica is
+skipped by every path until a replacement holds it again. Nothing restarts: the in-flight step is
+discarded (its optimizer update was never committed) and redone with a new plan, so every
+microbatch of the step is trained exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from typing import Any, Dict, List, Tuple
+
+from skippipe.errors import RunFailed
+from skippipe.plan import Plan
+from skippipe.runtime.remote import NodeFailure
+
+log = logging.getLogger("skippipe")
+
+MAX_REDOS_PER_STEP = 5
+SLOW_STEPS = 3
+
+
+class FaultMonitor:
+    def __init__(self, cfg, nodes: List[str]):
+        self.cfg = cfg
+        self.nodes = list(nodes)
+        self.reroutes = 0
+        self.generation = 0
+        self.dead: set = set()
+        self.slow: Dict[str, float] = {}
+        self._streak: Dict[str, int] = {}
+        self.relative: Dict[str, float] = {}  # last measured speed ratio against the median node
+        self.events: List[Dict[str, Any]] = []
+
+    def execute(self, planner, executor, step: int, lr: float, data) -> Tuple[Plan, Any]:
+        """Run ``step``; on a node failure re-plan without the failed nodes and redo it."""
+        for attempt in range(MAX_REDOS_PER_STEP + 1):
+            self.before_step(planner, executor, step)
+            plan = planner.plan(step)
+            try:
+                return plan, executor.step(plan, step, lr, data)
+            except NodeFailure as failure:
+                if attempt == MAX_REDOS_PER_STEP:
+                    raise RunFailed(f"step {step} failed {attempt + 1} times; last: {failure}") from None
+                self._recover(planner, executor, step, failure)
+        raise AssertionError("unreachable")
+
+    def _recover(self, planner, executor, step: int, failure: NodeFailure) -> None:
+        detected = time.time()
+        for node, reason in sorted(failure.reasons.items()):
+            log.warning("step %d: node %s failed (%s); re-planning without it", step, node, reason)
+        executor.new_generation(failure.dead)
+        self.generation = executor.generation
+        self.dead |= failure.dead
+        planner.state.dead = set(self.dead)
+        planner.invalidate()
+        self.reroutes += 1
+        if self.cfg.fault.replace:
+            for node in sorted(failure.dead):
+                executor.start_replacement(node)
+                log.warning("step %d: started a replacement for %s; it joins when ready", step, node)
+        self.events.append({"step": step, "generation": self.generation, "dead": sorted(failure.dead),
+                            "detected_at": detected, "recovered_at": time.time(), "reasons": failure.reasons})
+
+    def before_step(self, planner, executor, step: int) -> None:
+        """Admit replacements (or new nodes) that are ready; they re-enter the plan."""
+        if not hasattr(executor, "admit"):
+            return
+        joined = executor.admit(planner.allocation, self.cfg.fault.rebuild)
+        if joined:
+            self.generation = executor.generation
+            self.dead -= set(joined)
+            planner.state.dead = set(self.dead)
+            planner.invalidate()
+            self.reroutes += 1
+            log.warning("step %d: %s joined (generation %d)", step, ", ".join(joined), self.generation)
+            self.events.append({"step": step, "generation": self.generation, "joined": joined})
+
+    def after_step(self, planner, outcome, plan: Plan) -> None:
+        """Mark nodes persistently slower than their peers and re-plan so fewer microbatches go
+        through them. A node's speed is its measured compute time (CPU time on CPU) over the cost
+        model's time for the same work, relative to the median node; slow means above
+        ``fault.slow_threshold`` for SLOW_STEPS steps in a row, so a noisy step is not enough."""
+        ratios = self._speed_ratios(planner.cost, outcome, plan)
+        if len(ratios) < 2:
+            return
+        median = statistics.median(ratios.values())
+        self.relative = {n: r / median for n, r in ratios.items()}
+        threshold = self.cfg.fault.slow_threshold
+        above = {n: r / median for n, r in ratios.items() if r / median > threshold}
+        self._streak = {n: self._streak.get(n, 0) + 1 for n in above}
+        slow = {n: f for n, f in above.items() if self._streak[n] >= SLOW_STEPS or n in self.slow}
+        slow.update({n: f for n, f in self.slow.items() if n not in ratios})  # not measured: keep
+        if set(slow) != set(self.slow):
+            for node in sorted(set(slow) - set(self.slow)):
+                log.warning("node %s is %.1fx slower than its peers; routing around it", node, slow[node])
+            planner.invalidate()
+            self.reroutes += 1
+        self.slow = slow
+
+    @staticmethod
+    def _speed_ratios(cost, outcome, plan: Plan) -> Dict[str, float]:
+        stage_of = plan.stage_of()
+        ratios = {}
+        for node, report in outcome.node_reports.items():
+            if node not in stage_of or "compute_cpu_s" not in report:
+                continue
+            measured = sum(report["compute_cpu_s"].values())
+            modelled = sum(cost._modelled(node, stage_of[node], phase) * n
+                           for phase, n in report["compute_n"].items())
+            if modelled > 0 and measured > 0:
+                ratios[node] = measured / modelled
+        return ratios
+
+    def metrics(self) -> Dict[str, float]:
+        """``node/<name>/slowdown``: measured compute time relative to the median node (1.0 = typical)."""
+        return {f"node/{n}/slowdown": round(self.relative.get(n, 1.0), 3) for n in self.nodes if n not in self.dead}

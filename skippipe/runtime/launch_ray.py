@@ -1,0 +1,172 @@
+"""``launcher=ray``: one Ray actor per node, in a placement group, running the same worker code.
+
+Each actor gets exactly the torchrun environment contract (RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR, MASTER_PORT, plus SKIPPIPE_NODE), as in verl/OpenRLHF, so one worker serves every
+launcher. The driver hosts the control store and runs the coordinator. Placement: one bundle per
+node, ``PACK`` on one box, ``SPREAD`` across machines, GPU bundles with ``ray.use_gpu``. A dead
+actor (``ray.kill``, a crashed process, a lost machine) is seen through its ``run`` call failing; with
+``fault.replace=true`` a new actor takes the dead one's bundle and name.
+
+Ray Train is not used: it restarts the whole group on failure, while SkipPipe routes around the dead
+node and keeps training.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Dict, List
+
+from skippipe.config import Config
+
+log = logging.getLogger("skippipe")
+
+
+class WorkerActor:
+    """A Ray actor around :func:`skippipe.runtime.worker.serve` (decorated lazily: ray is optional
+    at import time)."""
+
+    def __init__(self, env: Dict[str, str]):
+        os.environ.update(env)
+        import torch
+
+        torch.set_num_threads(int(env.get("OMP_NUM_THREADS", "1")))
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def run(self) -> int:
+        from skippipe.runtime.control import ControlChannel, connect_store
+        from skippipe.runtime.worker import WorkerEnv, run_worker
+
+        env = WorkerEnv.from_environ()
+        logging.basicConfig(level=logging.WARNING, format=f"[{env.node}] %(levelname)s %(message)s")
+        control = ControlChannel(connect_store(env.master_addr, env.master_port, False, 60.0), 60.0)
+        return run_worker(env, control)
+
+
+class RayLauncher:
+    """Creates, watches, replaces and removes the worker actors."""
+
+    def __init__(self, cfg: Config, nodes: List[str], addr: str, port: int):
+        import ray
+        from ray.util.placement_group import placement_group
+
+        self.cfg, self.nodes, self.addr, self.port = cfg, list(nodes), addr, port
+        bundle = {"CPU": cfg.ray.num_cpus_per_worker}
+        if cfg.ray.use_gpu:
+            bundle["GPU"] = 1
+        self.pg = placement_group([dict(bundle) for _ in nodes], strategy=cfg.ray.placement_strategy)
+        ray.get(self.pg.ready(), timeout=cfg.runtime.timeout_s * 4)
+        self.actor_cls = ray.remote(WorkerActor)
+        self.actors: Dict[str, Any] = {}
+        self.runs: Dict[str, Any] = {}
+
+    def _env(self, node: str, incarnation: int) -> Dict[str, str]:
+        rank = self.nodes.index(node)
+        threads = str(self.cfg.run.threads)
+        return {"RANK": str(rank), "WORLD_SIZE": str(len(self.nodes)), "LOCAL_RANK": "0",
+                "MASTER_ADDR": self.addr, "MASTER_PORT": str(self.port), "OMP_NUM_THREADS": threads,
+                "MKL_NUM_THREADS": threads, "SKIPPIPE_NODE": node, "SKIPPIPE_INCARNATION": str(incarnation)}
+
+    def _spawn(self, node: str, incarnation: int) -> None:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=self.nodes.index(node))
+        actor = self.actor_cls.options(num_cpus=self.cfg.ray.num_cpus_per_worker,
+                                       num_gpus=1 if self.cfg.ray.use_gpu else 0,
+                                       scheduling_strategy=strategy, name=None,
+                                       max_restarts=0).remote(self._env(node, incarnation))
+        self.actors[node] = actor
+        self.runs[node] = actor.run.remote()
+
+    def start(self) -> None:
+        for node in self.nodes:
+            self._spawn(node, 0)
+
+    def exited(self) -> Dict[str, int]:
+        """node -> exit code (-9 when the actor died) for every worker whose ``run`` has ended."""
+        import ray
+
+        refs = list(self.runs.values())
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        done = set(done)
+        out = {}
+        for node, ref in self.runs.items():
+            if ref in done:
+                try:
+                    out[node] = int(ray.get(ref))
+                except Exception:  # RayActorError and friends: the actor is gone
+                    out[node] = -9
+        return out
+
+    def replace(self, node: str, incarnation: int) -> None:
+        self.kill(node)
+        self._spawn(node, incarnation)
+
+    def kill(self, node: str) -> None:
+        import ray
+
+        actor = self.actors.get(node)
+        if actor is not None:
+            ray.kill(actor, no_restart=True)
+
+    def actor(self, node: str):
+        return self.actors[node]
+
+    def stop(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for node in list(self.actors):
+            try:
+                ray.kill(self.actors[node], no_restart=True)
+            except Exception:  # already gone
+                pass
+        remove_placement_group(self.pg)
+
+
+def connect_ray(cfg: Config) -> None:
+    """Join the cluster (``ray.address``, or RAY_ADDRESS inside ``ray job submit``), or start a
+    local one bound to 127.0.0.1 when neither is given."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        cpus = max(os.cpu_count() or 1, int(cfg.ray.num_cpus_per_worker * 64))
+        ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
+
+
+def control_address(cfg: Config) -> str:
+    """Where actors reach the driver's control store: loopback on one machine, else this node's IP."""
+    import ray
+
+    if len([n for n in ray.nodes() if n.get("Alive")]) <= 1:
+        return cfg.runtime.master_addr
+    return ray.util.get_node_ip_address()
+
+
+def train_ray(cfg: Config) -> Dict[str, Any]:
+    from skippipe.runtime.control import ControlChannel, connect_store
+    from skippipe.runtime.coordinator import Coordinator
+    from skippipe.runtime.remote import RemoteExecutor
+    from skippipe.topology import load_topology
+    from skippipe.train.loop import pin_threads
+
+    pin_threads(cfg.run.threads)
+    connect_ray(cfg)
+    addr = control_address(cfg)
+    store = connect_store(addr, cfg.runtime.master_port or 0, True, cfg.runtime.timeout_s)
+    control = ControlChannel(store, cfg.runtime.timeout_s)
+    nodes = load_topology(cfg).names()
+    launcher = RayLauncher(cfg, nodes, addr, store.port)
+    launcher.start()
+    train_ray.last_launcher = launcher  # tests reach the actors through this
+    try:
+        return Coordinator(cfg, lambda spec, num_stages: RemoteExecutor(cfg, control, len(nodes), launcher)).run()
+    finally:
+        launcher.stop()

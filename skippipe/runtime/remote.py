@@ -1,0 +1,217 @@
+"""The remote executor: drives worker processes (local, torchrun or Ray) over the control channel,
+and turns node failures into new generations instead of a stopped run.
+
+Per command it publishes ``cmd/<i>`` = {step, generation, members, lr, plan, commit_step, sync} and
+gathers ``report/<i>/<node>`` from every member. A member that exits (launcher), stops beating
+(heartbeats), sends a message that does not match the plan (named by its receiver) or never reports
+(timeout) is *dead*: :class:`NodeFailure` tells the coordinator, which re-plans without it and redoes
+the step in a new generation. ``commit_step`` makes the optimizer step two-phase: workers hold each
+step's reduced gradient and apply it only when the next command declares that step complete, so a
+failed step is never half applied. A worker error that is not caused by a peer (a bug) stops the
+run with that worker's message (:class:`WorkerFailed`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Dict, List, Optional, Set
+
+from skippipe.config import Config, to_dict
+from skippipe.errors import RunFailed, UserError
+from skippipe.plan import Plan
+
+log = logging.getLogger("skippipe")
+
+
+class WorkerFailed(RunFailed):
+    """A worker raised (not because of a peer); the message names the node and the cause."""
+
+    def __init__(self, message: str, node: Optional[str] = None):
+        super().__init__(message)
+        self.node = node
+
+
+class NodeFailure(Exception):
+    """Nodes died or misbehaved during a step; the step must be redone without them."""
+
+    def __init__(self, dead: Set[str], reasons: Dict[str, str]):
+        super().__init__("; ".join(f"{n}: {r}" for n, r in sorted(reasons.items())))
+        self.dead = dead
+        self.reasons = reasons
+
+
+class RemoteExecutor:
+    """``launcher`` (optional) spawns and watches processes: ``exited() -> {node: code}``,
+    ``replace(node, incarnation)`` and ``kill(node)``. torchrun has none: failures are then seen
+    through reports, heartbeats and timeouts."""
+
+    def __init__(self, cfg: Config, control, world_size: int, launcher=None):
+        self.cfg = cfg
+        self.control = control
+        self.world_size = world_size
+        self.launcher = launcher
+        self.command_index = 0
+        self.generation = 0
+        self.commit_step: Optional[int] = None
+        self.sync: Dict[int, str] = {}
+        self.incarnation: Dict[str, int] = {}
+        self.joining: Dict[str, int] = {}  # replacements started but not yet admitted: node -> incarnation
+        self.rebuild: Dict[int, List[str]] = {}
+        self.finished = False
+
+    def start(self, nodes: List[str], vocab_size: int) -> None:
+        if len(nodes) != self.world_size:
+            raise UserError(f"the topology has {len(nodes)} nodes but {self.world_size} workers were started; "
+                            f"start exactly {len(nodes)} (e.g. torchrun --nproc_per_node={len(nodes)})")
+        self.nodes = list(nodes)
+        self.members = list(nodes)
+        for node in nodes:
+            self.control.put(f"first/{node}/0", 0)
+        self.control.put("config", {"config": to_dict(self.cfg), "nodes": nodes, "vocab_size": vocab_size})
+
+    # -- one step -------------------------------------------------------------------------------
+    def step(self, plan: Plan, step: int, lr: float, data=None):
+        from skippipe.runtime.coordinator import StepOutcome
+
+        index = self.command_index
+        self.control.command(index, {"step": step, "generation": self.generation, "members": self.members,
+                                     "lr": lr, "plan": plan.to_dict(), "commit_step": self.commit_step,
+                                     "sync": {str(k): v for k, v in self.sync.items()},
+                                     "rebuild": {str(k): v for k, v in self.rebuild.items()}})
+        self.command_index += 1
+        reports, dead = self._gather(index)
+        self._raise_on_failure(reports, dead)
+        self.commit_step, self.sync, self.rebuild = step, {}, {}
+        losses = {int(k): v for r in reports.values() for k, v in r["losses"].items()}
+        missing = sorted({mb.id for mb in plan.microbatches} - set(losses))
+        if missing:
+            raise WorkerFailed(f"step {step}: no loss came back for microbatches {missing}")
+        norm = next(iter(reports.values()))["grad_norm"]
+        return StepOutcome(losses, norm, dict(reports))
+
+    def _gather(self, index: int):
+        """Reports from every member, or the members found dead while waiting."""
+        timeout_s = self.cfg.runtime.timeout_s * 2
+        deadline = time.monotonic() + timeout_s
+        pending = set(self.members)
+        reports: Dict[str, Dict[str, Any]] = {}
+        dead: Dict[str, str] = {}
+        poll_s = 0.002
+        while pending:
+            for node in sorted(pending):
+                if self.control.has(f"report/{index}/{node}"):
+                    reports[node] = self.control.get_now(f"report/{index}/{node}")
+                    pending.discard(node)
+            exited = self.launcher.exited() if self.launcher is not None else {}
+            for node in sorted(pending & set(exited)):
+                dead[node] = f"process exited with code {exited[node]}"
+                pending.discard(node)
+            for node in self._silent(pending):
+                dead[node] = f"no heartbeat for {self._heartbeat_limit_s():.0f} s"
+                pending.discard(node)
+            failed = dead or any(not r.get("ok", False) for r in reports.values())
+            if failed and not self.control.has(f"abort/{index}"):
+                self.control.put(f"abort/{index}", True)  # survivors stop waiting on the failed step
+            if pending and time.monotonic() > deadline:
+                for node in pending:
+                    dead[node] = f"sent no report within {timeout_s:.0f} s (runtime.timeout_s)"
+                break
+            if pending:
+                time.sleep(poll_s)
+                poll_s = min(poll_s * 1.5, 0.05)
+        return reports, dead
+
+    def _heartbeat_limit_s(self) -> float:
+        return max(5.0 * self.cfg.fault.heartbeat_s, 10.0)
+
+    def _silent(self, nodes) -> List[str]:
+        now, silent = time.time(), []
+        for node in nodes:
+            key = f"hb/{node}"
+            if self.control.has(key) and now - float(self.control.get_now(key)) > self._heartbeat_limit_s():
+                silent.append(node)
+        return silent
+
+    def _raise_on_failure(self, reports: Dict[str, Dict[str, Any]], dead: Dict[str, str]) -> None:
+        errors = {n: r for n, r in reports.items() if not r.get("ok", False)}
+        if not errors and not dead:
+            return
+        reasons = dict(dead)
+        for node, report in errors.items():
+            if report.get("bad_peer"):
+                reasons[report["bad_peer"]] = f"sent a bad message to {node}: {report['message']}"
+        primary = sorted(((n, r) for n, r in errors.items() if not r.get("secondary") and not r.get("bad_peer")),
+                         key=lambda e: e[1].get("time", 0.0))
+        if primary and not reasons:
+            node, report = primary[0]
+            raise WorkerFailed(f"worker {node} failed: {report['message']}", node)
+        if not reasons:  # only errors caused by peers, yet nobody died: cannot tell whom to blame
+            node, report = sorted(errors.items(), key=lambda e: e[1].get("time", 0.0))[0]
+            raise WorkerFailed(f"worker {node} failed: {report['message']}", node)
+        raise NodeFailure(set(reasons), reasons)
+
+    # -- membership -----------------------------------------------------------------------------
+    def new_generation(self, dead: Set[str]) -> None:
+        """Drop ``dead`` nodes: the step is redone by the survivors in a new generation. A node that
+        is still running (it sent a bad message) is stopped."""
+        for node in sorted(dead):
+            self.joining.pop(node, None)
+            if self.launcher is not None:
+                self.launcher.kill(node)
+        self.members = [n for n in self.nodes if n in self.members and n not in dead]
+        self.generation += 1
+        self.sync = {}
+
+    def start_replacement(self, node: str) -> None:
+        """Start a new process for a dead node; it joins once it reports ready (:meth:`admit`)."""
+        if self.launcher is None:
+            return
+        self.incarnation[node] = self.incarnation.get(node, 0) + 1
+        self.launcher.replace(node, self.incarnation[node])
+        self.joining[node] = self.incarnation[node]
+
+    def admit(self, allocation: List[List[str]], rebuild: str) -> List[str]:
+        """Let every ready replacement (or new node) into a new generation. Its stage state comes
+        from a live replica; when none is alive, from ``rebuild`` (``init``: the seeded initial
+        parameters; ``checkfree``: the average of the neighbouring stages, CheckFree arXiv 2506.15461)."""
+        ready = [n for n, inc in sorted(self.joining.items()) if self.control.has(f"ready/{n}/{inc}")]
+        if not ready:
+            return []
+        for node in ready:
+            self.control.put(f"first/{node}/{self.joining.pop(node)}", self.command_index)
+        live = set(self.members)
+        self.members = [n for n in self.nodes if n in live or n in ready]
+        self.generation += 1
+        self.sync, self.rebuild = {}, {}
+        for node in ready:
+            stage = next(k for k, nodes in enumerate(allocation) if node in nodes)
+            sources = [n for n in allocation[stage] if n in live]
+            if sources:
+                self.sync[stage] = sources[0]
+            elif rebuild == "checkfree":
+                self.rebuild[stage] = [next(n for n in allocation[k] if n in live)
+                                       for k in (stage - 1, stage + 1)
+                                       if 0 <= k < len(allocation) and any(n in live for n in allocation[k])]
+                log.warning("stage %d lost every replica: %s rebuilds it from the average of stages %s "
+                            "(CheckFree)", stage, node, self.rebuild[stage])
+            else:
+                log.warning("stage %d lost every replica: %s restarts it from its initial parameters", stage, node)
+        return ready
+
+    # -- end ------------------------------------------------------------------------------------
+    def finish(self, out):
+        index = self.command_index
+        self.control.command(index, {"stop": True, "save_dir": str(out), "members": self.members,
+                                     "commit_step": self.commit_step})
+        self.command_index += 1
+        reports, dead = self._gather(index)
+        if dead:
+            raise RunFailed(f"workers {sorted(dead)} failed while saving the final model")
+        self.finished = True
+        return None
+
+    def close(self) -> None:
+        """If the run did not finish, tell every worker to exit instead of waiting for a command."""
+        if not self.finished:
+            self.control.command(self.command_index, {"abort": "the coordinator stopped (see its error)"})

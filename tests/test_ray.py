@@ -1,0 +1,150 @@
+"""Tier 3: the Ray launcher on a real local Ray cluster bound to 127.0.0.1 (one per module)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+ray = pytest.importorskip("ray")
+
+from skippipe.config import load_config  # noqa: E402
+from skippipe.planner import Planner  # noqa: E402
+from skippipe.runtime.launch_ray import train_ray  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = ["model.dim=64", "model.n_heads=2", "model.ffn_dim=128", "model.seq_len=32", "train.samples_per_microbatch=2",
+         "data.max_corpus_mb=1", "train.eval_batches=2", "tracking.wandb.mode=disabled", "tracking.progress=false",
+         "runtime.timeout_s=30", "cost.emulate_links=false", "launcher=ray", "ray.num_cpus_per_worker=0.25"]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def metrics(run):
+    return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+
+
+def routes(run):
+    return [json.loads(line) for line in (Path(run) / "routes.jsonl").read_text().splitlines()]
+
+
+def config(tmp_path, *extra):
+    return load_config("configs/tiny.yaml", [*SMALL, f"run.dir={tmp_path}", *extra])
+
+
+def allocation_of(cfg):
+    from skippipe.model.presets import resolve_model_spec
+
+    return Planner(cfg, resolve_model_spec(cfg.model, vocab_size=256)).allocation
+
+
+def train_and_kill(cfg, run, node, after_step):
+    """Train on Ray in a thread; ray.kill the actor of ``node`` once ``after_step`` is logged."""
+    result, errors = {}, []
+
+    def target():
+        try:
+            result["summary"] = train_ray(cfg)
+        except BaseException as err:  # surfaced below
+            errors.append(err)
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and thread.is_alive():
+        path = Path(run) / "metrics.jsonl"
+        if path.is_file() and any(json.loads(x).get("step", -1) >= after_step for x in path.read_text().splitlines()):
+            ray.kill(train_ray.last_launcher.actor(node), no_restart=True)
+            break
+        time.sleep(0.05)
+    thread.join(timeout=300)
+    assert not errors, errors
+    return result["summary"]
+
+
+def test_ray_launcher_trains(ray_cluster, tmp_path):
+    summary = train_ray(config(tmp_path, "train.steps=3"))
+    steps = [m for m in metrics(tmp_path) if "loss/val" not in m]
+    assert [m["step"] for m in steps] == [0, 1, 2]
+    assert summary["loss/val"] > 0 and steps[-1]["loss/train"] < steps[0]["loss/train"] + 1.0
+
+
+def test_ray_kill_nonzero_stage_actor_is_routed_around(ray_cluster, tmp_path):
+    cfg = config(tmp_path, "train.steps=6")
+    allocation = allocation_of(cfg)
+    victim = allocation[1][0]  # stage 1 has two replicas in the tiny topology
+    train_and_kill(cfg, tmp_path, victim, after_step=1)
+    steps = [m for m in metrics(tmp_path) if "loss/val" not in m]
+    assert [m["step"] for m in steps] == list(range(6))  # every step once
+    generations = [m["cluster/generation"] for m in steps]
+    assert generations[0] == 0 and generations[-1] == 1  # exactly one generation change
+    ids = [sorted(mb["id"] for mb in r["plan"]["microbatches"]) for r in routes(tmp_path)]
+    assert all(i == ids[0] for i in ids)  # no duplicated or missing microbatch
+    after = [r for r in routes(tmp_path) if r["generation"] == 1]
+    assert after and all(victim not in mb["path"] for r in after for mb in r["plan"]["microbatches"])
+
+
+def test_stage_losing_all_replicas_is_skipped_then_restored(ray_cluster, tmp_path):
+    cfg = config(tmp_path, "train.steps=60", "fault.replace=true")
+    allocation = allocation_of(cfg)
+    stage = next(k for k in range(1, len(allocation)) if len(allocation[k]) == 1)
+    victim = allocation[stage][0]
+    train_and_kill(cfg, tmp_path, victim, after_step=1)
+    stage_of_step = []
+    for r in routes(tmp_path):
+        plan = r["plan"]
+        holders = {n for k, nodes in enumerate(plan["allocation"]) if k == stage for n in nodes}
+        visits = sum(n in holders for mb in plan["microbatches"] for n in mb["path"])
+        stage_of_step.append((r["generation"], visits))
+    skipped = [g for g, v in stage_of_step if v == 0]
+    assert skipped, "the stage with no live replica must be skipped"
+    restored = [(g, v) for g, v in stage_of_step if g >= 2 and v > 0]
+    assert restored, f"the replacement never re-entered the plan: {stage_of_step}"
+    assert [m["step"] for m in metrics(tmp_path) if "loss/val" not in m] == list(range(60))
+
+
+def test_slow_node_receives_fewer_microbatches(ray_cluster, tmp_path):
+    # memory=4: TC1 lets the slow node's twin (and the other stages) take its microbatches
+    common = ["train.steps=8", "schedule.memory=4", "cost.fwd_s_per_sample_layer=0.002"]
+    allocation = allocation_of(config(tmp_path, *common))
+    slow = allocation[1][0]  # a replica of stage 1
+    cfg = config(tmp_path, *common, f"fault.slow_nodes.{slow}=8.0")
+    train_ray(cfg)
+    visits = [sum(slow in mb["path"] for mb in r["plan"]["microbatches"]) for r in routes(tmp_path)]
+    assert visits[-1] < visits[0], visits
+    assert metrics(tmp_path)[-2][f"node/{slow}/slowdown"] > 2.0
+
+
+@pytest.mark.slow
+def test_ray_job_submit_end_to_end(tmp_path):
+    """`ray start --head` on 127.0.0.1, `ray job submit`, `ray stop` (its own cluster, not the fixture's)."""
+    if ray.is_initialized():
+        ray.shutdown()
+    ray_bin = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    subprocess.run([ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", "--port=0", "--num-cpus=4",
+                    "--dashboard-host=127.0.0.1", "--dashboard-port=8265", "--include-dashboard=true"],
+                   env=env, check=True, capture_output=True, timeout=120)
+    try:
+        run = tmp_path / "job"
+        cmd = [ray_bin, "job", "submit", "--address", "http://127.0.0.1:8265", "--working-dir", str(REPO),
+               "--runtime-env", str(REPO / "launch" / "runtime_env.yaml"), "--",
+               "python", "launch/ray_job.py", "configs/tiny.yaml", *SMALL[:-2], "ray.num_cpus_per_worker=0.25",
+               "train.steps=2", f"run.dir={run}"]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "SUCCEEDED" in proc.stdout + proc.stderr
+        assert metrics(run)[-1]["loss/val"] > 0
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
