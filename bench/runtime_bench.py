@@ -212,8 +212,9 @@ def rounds(systems: Dict[str, callable], repeats: int) -> Dict[str, List[dict]]:
     for r in range(repeats):
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
-            t0 = time.perf_counter()
-            out[name].append(systems[name](r))
+            t0, load0 = time.perf_counter(), os.getloadavg()[0]
+            out[name].append({**systems[name](r), "wall_s": time.perf_counter() - t0,
+                              "loadavg_before": load0, "loadavg_after": os.getloadavg()[0]})
             print(f"  round {r + 1}/{repeats} {name:<24} median {out[name][-1]['median_s']:.3f} s/iter "
                   f"({time.perf_counter() - t0:.0f} s wall, load {os.getloadavg()[0]:.1f})", flush=True)
     return out

@@ -41,7 +41,7 @@ import torch  # noqa: E402
 from skippipe.cli import main as cli_main  # noqa: E402
 from skippipe.config import Config  # noqa: E402
 from skippipe.verify.digest import hash_fields, json_digest, tensor_digest  # noqa: E402
-from skippipe.verify.ledger import LedgerWriter, make_header, state_leaves, step_record  # noqa: E402
+from skippipe.verify.ledger import LedgerWriter, checkpoint_leaves, make_header, step_record  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "verify_bench.json"
 NUM_STAGES, MICROBATCHES = 4, 12
@@ -119,7 +119,7 @@ def hashing_per_step(tmp: Path, samples: int) -> dict:
         out = {f"data/mb{mb}": tensor_digest("data", tokens) for mb in range(MICROBATCHES)}
         out["route"] = json_digest("route", {"paths": [[0, 1, 2, 3]] * MICROBATCHES})
         for k, flat in state.items():
-            out.update(state_leaves(k, f"n{k}", flat))
+            out.update(checkpoint_leaves(k, f"n{k}", flat))
         for mb in range(MICROBATCHES):
             out[f"loss/mb{mb}"] = tensor_digest("loss", torch.tensor(1.0))
         if level == "full":

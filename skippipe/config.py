@@ -87,8 +87,8 @@ class ScheduleConfig:
     routes_from: Optional[str] = None  # a run directory whose routes.jsonl is replayed
     replan_every: int = 0  # 0: re-plan only when the live state changes; k: also every k steps
     seed: Optional[int] = None  # routing seed; None: run.seed
-    search_budget_s: float = 5.0  # time limit of the collision-aware search per plan
-    allocation_budget_s: float = 2.0  # time limit of the allocation search (nodes to stages)
+    search_budget_s: float = 300.0  # safety cap on the routing search (normally ends by its fixed attempt count)
+    allocation_budget_s: float = 120.0  # safety cap on the allocation search (normally ends by its move count)
 
 
 @dataclass
@@ -160,7 +160,8 @@ class KillConfig:
 class CorruptConfig:
     step: Optional[int] = None
     node: Optional[str] = None
-    tensor: str = "param"  # param, grad or act
+    tensor: str = "param"  # param, grad, act, or op (the output of operator `op`)
+    op: str = "blocks.0.down"  # for tensor=op: the module (inside the stage) whose output is perturbed
 
 
 @dataclass
@@ -367,7 +368,7 @@ def check_config(cfg: Config) -> None:
     _choice(cfg.tracking.wandb.mode, WANDB_MODES, "tracking.wandb.mode")
     _choice(cfg.data.source, DATA_SOURCES, "data.source")
     _choice(cfg.data.tokenizer, TOKENIZERS, "data.tokenizer")
-    _choice(cfg.fault.corrupt.tensor, ("param", "grad", "act"), "fault.corrupt.tensor")
+    _choice(cfg.fault.corrupt.tensor, ("param", "grad", "act", "op"), "fault.corrupt.tensor")
     _choice(cfg.fault.rebuild, ("init", "checkfree"), "fault.rebuild")
     if cfg.train.steps < 0:
         raise ConfigError(f"train.steps={cfg.train.steps} must be >= 0")

@@ -10,8 +10,8 @@ import pytest
 from skippipe.cli import main
 
 SMALL = ["model.dim=64", "model.n_heads=2", "model.ffn_dim=128", "model.seq_len=32", "train.samples_per_microbatch=2",
-         "data.max_corpus_mb=1", "train.eval_batches=3", "schedule.search_budget_s=0.3",
-         "schedule.allocation_budget_s=0.3", "launcher=inprocess", "tracking.wandb.mode=disabled",
+         "data.max_corpus_mb=1", "train.eval_batches=3",
+         "launcher=inprocess", "tracking.wandb.mode=disabled",
          "tracking.progress=false"]
 
 

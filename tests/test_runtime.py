@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 # a small, fast model on the tiny topology (6 nodes in 2 regions, stages [2, 2, 1, 1])
 SMALL = ["model.dim=64", "model.n_heads=2", "model.ffn_dim=128", "model.seq_len=32", "train.samples_per_microbatch=2",
          "data.max_corpus_mb=1", "train.eval_batches=2", "tracking.wandb.mode=disabled", "tracking.progress=false",
-         "schedule.search_budget_s=0.3", "schedule.allocation_budget_s=0.3", "runtime.timeout_s=30",
+         "runtime.timeout_s=30",
          "cost.emulate_links=false"]
 
 

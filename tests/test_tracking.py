@@ -12,8 +12,8 @@ from skippipe.cli import main
 
 # a small, fast model on the tiny topology (6 nodes in 2 regions, stages [2, 2, 1, 1])
 SMALL = ["model.dim=64", "model.n_heads=2", "model.ffn_dim=128", "model.seq_len=32", "train.samples_per_microbatch=2",
-         "data.max_corpus_mb=1", "train.eval_batches=2", "schedule.search_budget_s=0.3",
-         "schedule.allocation_budget_s=0.3", "runtime.timeout_s=30", "launcher=inprocess"]
+         "data.max_corpus_mb=1", "train.eval_batches=2",
+         "runtime.timeout_s=30", "launcher=inprocess"]
 NODES = [f"n{i}" for i in range(6)]
 STEP_KEYS = ["loss/train", "time/iter_s", "time/predicted_iter_s", "time/plan_s", "throughput/tokens_per_s",
              "route/skip_ratio", "route/swaps", "route/collisions", "route/reroutes", "cluster/generation",

@@ -33,11 +33,11 @@ from skippipe.verify.digest import (
 from skippipe.verify.ledger import (
     LedgerWriter,
     check_chain,
+    checkpoint_leaves,
     comparable,
     leaf_stage,
     make_header,
     read_ledger,
-    state_leaves,
     step_record,
 )
 
@@ -70,7 +70,7 @@ def step_leaves(step, tamper=None):
         leaves[f"loss/mb{mb}"] = hash_fields("loss", str(step), str(mb), "bad" if bad else "")
     leaves["route"] = json_digest("route", {"step": step})
     for k in range(STAGES):
-        leaves.update(state_leaves(k, f"n{k}", stage_tensors(k, step, bump=0.5 if bad else 0.0)))
+        leaves.update(checkpoint_leaves(k, f"n{k}", stage_tensors(k, step, bump=0.5 if bad else 0.0)))
     if step == t:
         for name in leaves:
             if leaf_order_key(name) >= leaf_order_key(target):

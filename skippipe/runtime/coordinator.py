@@ -15,13 +15,14 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
 from skippipe.config import Config, run_dir, to_yaml
 from skippipe.plan import Plan, write_text_atomic
 from skippipe.runtime.faults import FaultMonitor
+from skippipe.runtime.recorder import RunRecorder
 from skippipe.runtime.remote import NodeFailure, RemoteExecutor, WorkerFailed  # noqa: F401 (re-exported)
 
 log = logging.getLogger("skippipe")
@@ -32,6 +33,8 @@ class StepOutcome:
     losses: Dict[int, float]
     grad_norm: float
     node_reports: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    leaves: Dict[str, str] = field(default_factory=dict)  # ledger leaves computed in-process
+    checkpoint: List[dict] = field(default_factory=list)  # manifest entries of a requested checkpoint
 
     @property
     def loss(self) -> float:
@@ -51,19 +54,50 @@ class InProcessExecutor:
         self.cfg = cfg
         self.reference = ReferenceExecutor(spec, num_stages, cfg.run.seed, cfg.train, device=device)
 
-    def start(self, nodes: List[str], vocab_size: int) -> None:
-        self.data = None
+    deferred_state = False  # state digests of a step are known right after it
 
-    def step(self, plan: Plan, step: int, lr: float, data) -> StepOutcome:
+    def start(self, nodes: List[str], vocab_size: int) -> None:
+        self.plan: Optional[Plan] = None
+
+    def resume(self, directory: Path) -> None:
+        from skippipe.verify.checkpoint import load_stage_file
+        from skippipe.verify.leaves import load_state_tensors
+
+        for k, stage in self.reference.stages.items():
+            load_state_tensors(stage, self.reference.optimizers[k], load_stage_file(directory / f"stage{k}.pt"))
+
+    def _checkpoint(self, request: Optional[dict]) -> List[dict]:
+        """Write the state as it is now (after the last step) as the checkpoint ``request`` asks."""
+        if not request or self.plan is None:
+            return []
+        from skippipe.verify.checkpoint import save_tensors_atomic, tensor_digests
+        from skippipe.verify.leaves import state_tensors
+
+        directory = Path(request["dir"])
+        directory.mkdir(parents=True, exist_ok=True)
+        entries = []
+        for k, nodes in enumerate(self.plan.allocation):
+            if not nodes:
+                continue
+            tensors = dict(state_tensors(self.reference.stages[k], self.reference.optimizers[k]))
+            tensors["meta/step"] = torch.tensor(request["step"], dtype=torch.int64)
+            save_tensors_atomic(directory / f"stage{k}.pt", tensors)
+            entries.append({"file": f"stage{k}.pt", "node": nodes[0], "tensors": tensor_digests(tensors)})
+        return entries
+
+    def step(self, plan: Plan, step: int, lr: float, data, checkpoint: Optional[dict] = None) -> StepOutcome:
         cfg = self.cfg
+        written = self._checkpoint(checkpoint)
         mbs = [data.microbatch(cfg.run.seed, step, r.id, cfg.train.samples_per_microbatch,
                                self.reference.spec.seq_len) for r in plan.microbatches]
-        result = self.reference.step(plan, mbs, lr)
-        return StepOutcome(result.losses, result.grad_norm)
+        result = self.reference.step(plan, mbs, lr, level=cfg.verify.level)
+        self.plan = plan
+        return StepOutcome(result.losses, result.grad_norm, leaves=result.leaves, checkpoint=written)
 
-    def finish(self, out: Path):
+    def finish(self, out: Path, checkpoint: Optional[dict] = None):
+        written = self._checkpoint(checkpoint)
         _save_stages(out / "final", self.reference.stages)
-        return self.reference.stages
+        return self.reference.stages, {}, written
 
     def close(self) -> None:
         pass
@@ -159,7 +193,11 @@ class Coordinator:
         planner = Planner(cfg, spec)
         executor = self.make_executor(spec, len(planner.allocation))
         executor.start([n.name for n in planner.topology.nodes], data.vocab_size)
-        metrics, routes = MetricsLogger(out, cfg), RouteLog(out)
+        self.first_step = self._resume(out, executor)
+        appending = self.first_step > 0
+        metrics, routes = MetricsLogger(out, cfg, append=appending), RouteLog(out, append=appending)
+        self.recorder = RunRecorder(cfg, out, self._header_extra(),
+                                    resume_from_step=self.first_step - 1 if appending else None)
         log.info("run %s: launcher %s, method %s, %d nodes, %d stages, model %s (%.2fM params), data %s",
                  cfg.run.name, cfg.launcher, cfg.schedule.method, len(planner.topology.nodes),
                  len(planner.allocation), cfg.model.preset, spec.params() / 1e6, data.description)
@@ -168,9 +206,32 @@ class Coordinator:
         finally:
             routes.close()
             metrics.close()
+            self.recorder.close()
             executor.close()
         log.info("%s", summary_table(summary, out))
         return summary
+
+    def _header_extra(self) -> Dict[str, Any]:
+        """What the workers actually use (the ledger header records it; comparisons check it)."""
+        from skippipe.train.loop import resolve_device
+
+        return {"threads": self.cfg.run.threads, "device": resolve_device(self.cfg.train.device)}
+
+    def _resume(self, out: Path, executor) -> int:
+        """``run.resume``: continue after the newest verified checkpoint (0: start fresh)."""
+        if not self.cfg.run.resume:
+            return 0
+        from skippipe.runtime.recorder import find_resume_point, truncate_jsonl
+
+        step = find_resume_point(out)
+        if step is None:
+            log.warning("run.resume: no checkpoint under %s; starting from step 0", out / "ckpt")
+            return 0
+        executor.resume(out / "ckpt" / str(step))
+        for name in ("metrics.jsonl", "routes.jsonl"):
+            truncate_jsonl(out / name, step)
+        log.info("resuming after step %d from %s", step, out / "ckpt" / str(step))
+        return step + 1
 
     def _loop(self, planner, executor, data, spec, metrics, routes, out: Path) -> Dict[str, Any]:
         from skippipe.metrics import Progress, cluster_stats
@@ -184,10 +245,15 @@ class Coordinator:
         tokens = 0
         bar = Progress(cfg.train.steps, cfg.tracking.progress, cfg.tracking.log_every)
         monitor = self.monitor = FaultMonitor(cfg, planner.topology.names())
-        for step in range(cfg.train.steps):
+        recorder = self.recorder
+        checkpoint = None  # a checkpoint of the last step's state, written with the next command
+        for step in range(self.first_step, cfg.train.steps):
             t0 = time.perf_counter()
             lr = lr_at(step, cfg.train)
-            plan, outcome = monitor.execute(planner, executor, step, lr, data)  # redone on node failure
+            plan, outcome = monitor.execute(planner, executor, step, lr, data, checkpoint)  # redone on failure
+            self._record(step, plan, outcome, executor, checkpoint)
+            checkpoint = ({"step": step, "dir": str(recorder.temp_dir(step))}
+                          if recorder.checkpoint_due(step) else None)
             iter_s = time.perf_counter() - t0
             step_tokens = len(plan.microbatches) * samples * spec.seq_len
             tokens += step_tokens
@@ -197,14 +263,18 @@ class Coordinator:
                       "time/iter_s": iter_s, "time/predicted_iter_s": plan.predicted_makespan_s,
                       "time/plan_s": planner.last_plan_s, "throughput/tokens_per_s": step_tokens / iter_s,
                       **route_stats(plan), **measured_stats(outcome, plan, iter_s),
-                      # verify/chain: pass the ledger's chain head as chain= once the run keeps a ledger
-                      **cluster_stats(planner, plan, monitor.generation, monitor.reroutes), **monitor.metrics()}
+                      **cluster_stats(planner, plan, monitor.generation, monitor.reroutes, chain=recorder.chain),
+                      **monitor.metrics()}
             metrics.log(record)
             routes.record(step, plan, generation=monitor.generation, timings={n: {k: r[k] for k in ("compute_s", "recv_wait_s", "step_s")}
                                                for n, r in outcome.node_reports.items()} or None)
             bar.update(record)
         bar.close()
-        stages = executor.finish(out)
+        stages, final_reports, written = executor.finish(out, checkpoint)
+        recorder.add_state(final_reports)
+        recorder.flush(cfg.train.steps - 1)
+        if checkpoint:
+            recorder.add_checkpoint_entries(checkpoint["step"], written)
         if stages is None:
             stages = load_stages(out / "final", spec, len(planner.allocation), cfg.run.seed, allow_missing=True)
             lost = sorted(set(range(len(planner.allocation))) - set(stages))
@@ -215,11 +285,21 @@ class Coordinator:
         summary = {"step": cfg.train.steps, "loss/val": val, "ppl/val": math.exp(val),
                    "loss/train": record.get("loss/train"), "time/wall_s": time.perf_counter() - start,
                    "tokens": tokens, "route/reroutes": monitor.reroutes,
-                   **{k: record[k] for k in ("verify/chain",) if k in record}}
+                   **({"verify/chain": recorder.chain[:12]} if recorder.chain else {})}
         metrics.log(summary)
         metrics.summary(summary)
         metrics.log_run_outputs(out, step=cfg.train.steps)  # plots/*.png, checkpoint manifests (wandb)
         return summary
+
+
+    def _record(self, step: int, plan: Plan, outcome: StepOutcome, executor, checkpoint: Optional[dict]) -> None:
+        """Ledger leaves of this step (and the deferred state of the last), and the checkpoint the
+        command carried."""
+        recorder = self.recorder
+        recorder.add_step(step, plan, outcome, executor.deferred_state)
+        if checkpoint:
+            entries = outcome.checkpoint + [r["ckpt"] for r in outcome.node_reports.values() if r.get("ckpt")]
+            recorder.add_checkpoint_entries(checkpoint["step"], entries)
 
 
 def train_inprocess(cfg: Config) -> Dict[str, Any]:

@@ -37,13 +37,13 @@ class FaultMonitor:
         self.relative: Dict[str, float] = {}  # last measured speed ratio against the median node
         self.events: List[Dict[str, Any]] = []
 
-    def execute(self, planner, executor, step: int, lr: float, data) -> Tuple[Plan, Any]:
+    def execute(self, planner, executor, step: int, lr: float, data, checkpoint=None) -> Tuple[Plan, Any]:
         """Run ``step``; on a node failure re-plan without the failed nodes and redo it."""
         for attempt in range(MAX_REDOS_PER_STEP + 1):
             self.before_step(planner, executor, step)
             plan = planner.plan(step)
             try:
-                return plan, executor.step(plan, step, lr, data)
+                return plan, executor.step(plan, step, lr, data, checkpoint)
             except NodeFailure as failure:
                 if attempt == MAX_REDOS_PER_STEP:
                     raise RunFailed(f"step {step} failed {attempt + 1} times; last: {failure}") from None

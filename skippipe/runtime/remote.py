@@ -71,17 +71,25 @@ class RemoteExecutor:
         self.control.put("config", {"config": to_dict(self.cfg), "nodes": nodes, "vocab_size": vocab_size})
 
     # -- one step -------------------------------------------------------------------------------
-    def step(self, plan: Plan, step: int, lr: float, data=None):
+    deferred_state = True  # workers apply (and hash) a step's update when the next command commits it
+
+    def resume(self, directory) -> None:
+        """Workers load their stage from this checkpoint directory with the first command."""
+        self.load_dir = str(directory)
+
+    def step(self, plan: Plan, step: int, lr: float, data=None, checkpoint: Optional[dict] = None):
         from skippipe.runtime.coordinator import StepOutcome
 
         index = self.command_index
         self.control.command(index, {"step": step, "generation": self.generation, "members": self.members,
                                      "lr": lr, "plan": plan.to_dict(), "commit_step": self.commit_step,
                                      "sync": {str(k): v for k, v in self.sync.items()},
-                                     "rebuild": {str(k): v for k, v in self.rebuild.items()}})
+                                     "rebuild": {str(k): v for k, v in self.rebuild.items()},
+                                     "checkpoint": checkpoint, "load": getattr(self, "load_dir", None)})
         self.command_index += 1
         reports, dead = self._gather(index)
         self._raise_on_failure(reports, dead)
+        self.load_dir = None
         self.commit_step, self.sync, self.rebuild = step, {}, {}
         losses = {int(k): v for r in reports.values() for k, v in r["losses"].items()}
         missing = sorted({mb.id for mb in plan.microbatches} - set(losses))
@@ -200,16 +208,19 @@ class RemoteExecutor:
         return ready
 
     # -- end ------------------------------------------------------------------------------------
-    def finish(self, out):
+    def finish(self, out, checkpoint: Optional[dict] = None):
+        """Commit the last step, write the final model (and a requested checkpoint), stop the workers.
+        Returns (stages: None, the workers' reports, checkpoint manifest entries)."""
         index = self.command_index
         self.control.command(index, {"stop": True, "save_dir": str(out), "members": self.members,
-                                     "commit_step": self.commit_step})
+                                     "commit_step": self.commit_step, "checkpoint": checkpoint})
         self.command_index += 1
         reports, dead = self._gather(index)
         if dead:
-            raise RunFailed(f"workers {sorted(dead)} failed while saving the final model")
+            raise RunFailed(f"workers {sorted(dead)} failed while saving the final model: "
+                            + "; ".join(f"{n}: {why}" for n, why in sorted(dead.items())))
         self.finished = True
-        return None
+        return None, reports, [r["ckpt"] for r in reports.values() if r.get("ckpt")]
 
     def close(self) -> None:
         """If the run did not finish, tell every worker to exit instead of waiting for a command."""

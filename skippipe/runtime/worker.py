@@ -36,6 +36,7 @@ from skippipe.plan import Plan
 from skippipe.runtime.control import ControlChannel, connect_store
 from skippipe.runtime.transport import ACT, GRAD, Aborted, LinkModel, Transport, TransportError, Waiter
 from skippipe.train import compute
+from skippipe.verify.leaves import data_leaf, hop_leaf, load_state_tensors, state_digests, state_tensors
 
 log = logging.getLogger("skippipe.worker")
 
@@ -104,6 +105,10 @@ class Worker:
         self.waiter = Waiter()
         self.pending: Optional[PendingUpdate] = None
         self.slowdown = float(self.cfg.fault.slow_nodes.get(self.me, 1.0))
+        self.level = self.cfg.verify.level
+        self.state_report: Optional[Dict[str, Any]] = None  # digests after the last committed update
+        corrupt = self.cfg.fault.corrupt
+        self.corrupt_step = corrupt.step if corrupt.node == self.me and not env.incarnation else None
 
     def _device(self) -> torch.device:
         name = self.cfg.train.device
@@ -229,6 +234,48 @@ class Worker:
         pending, self.pending = self.pending, None
         if pending is not None and commit_step is not None and pending.step == commit_step:
             apply_step(self.stage, self.optimizer, pending.grad, pending.scale, pending.lr)
+            if self._corrupting(pending.step, "param"):
+                with torch.no_grad():
+                    next(self.stage.parameters()).view(-1)[0] += 1e-3
+            if self.level != "off":
+                self.state_report = {"step": pending.step, "digests": state_digests(self.stage, self.optimizer)}
+
+    def _corrupting(self, step: int, tensor: str) -> bool:
+        """``fault.corrupt``: this node perturbs one element of ``tensor`` at ``step`` and keeps going,
+        hashing what it actually computed (an honest-looking ledger of a wrong computation)."""
+        return self.corrupt_step == step and self.cfg.fault.corrupt.tensor == tensor
+
+    def take_state_report(self) -> Optional[Dict[str, Any]]:
+        report, self.state_report = self.state_report, None
+        return report
+
+    def save_checkpoint(self, plan: Optional[Plan], step: int, directory: str) -> Optional[Dict[str, Any]]:
+        """The first live replica of each stage writes ``stage<k>.pt`` (tensors only) and returns its
+        manifest entry: a digest per tensor, tagged by the tensor's name, as in the ledger."""
+        if self.stage is None or plan is None:
+            return None
+        live = [n for n in plan.allocation[self.stage_id] if n in self.rank_of]
+        if not live or live[0] != self.me:
+            return None
+        from pathlib import Path
+
+        from skippipe.verify.checkpoint import save_tensors_atomic, tensor_digests
+
+        tensors = dict(state_tensors(self.stage, self.optimizer))
+        tensors["meta/step"] = torch.tensor(step, dtype=torch.int64)
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        save_tensors_atomic(Path(directory) / f"stage{self.stage_id}.pt", tensors)
+        return {"file": f"stage{self.stage_id}.pt", "node": self.me, "tensors": tensor_digests(tensors)}
+
+    def load_checkpoint(self, directory: str) -> None:
+        """Load this stage's parameters and optimizer state (every replica reads the same file)."""
+        if self.stage is None:
+            return
+        from pathlib import Path
+
+        from skippipe.verify.checkpoint import load_stage_file
+
+        load_state_tensors(self.stage, self.optimizer, load_stage_file(Path(directory) / f"stage{self.stage_id}.pt"))
 
     def _inject_faults(self, step: int) -> None:
         """``fault.kill`` ends this process; ``fault.error`` raises (tests and demos). A replacement
@@ -245,12 +292,22 @@ class Worker:
         self._inject_faults(step)
         start = time.perf_counter()
         times = StepTimes()
-        losses = self._run_actions(plan, step, times)
+        hook = None
+        if self._corrupting(step, "op") and self.stage is not None:
+            from skippipe.verify.ops import perturb_output_hook
+
+            hook = self.stage.get_submodule(self.cfg.fault.corrupt.op).register_forward_hook(perturb_output_hook)
+        try:
+            losses = self._run_actions(plan, step, times)
+        finally:
+            if hook is not None:
+                hook.remove()
         t0 = time.perf_counter()
         grad_norm = self._reduce(plan, step, lr)
         times.reduce_s = time.perf_counter() - t0
         self.transport.flush()
-        return {"ok": True, "losses": {str(k): v for k, v in losses.items()}, "compute_s": times.compute_s,
+        return {"ok": True, "losses": {str(k): v for k, v in losses.items()}, "leaves": self.leaves,
+                "compute_s": times.compute_s,
                 "compute_n": times.compute_n, "compute_cpu_s": times.cpu_s, "reduce_s": times.reduce_s, "grad_norm": grad_norm,
                 "recv_wait_s": self.transport.recv_wait_s, "emulated_delay_s": self.transport.emulated_delay_s,
                 "step_s": time.perf_counter() - start, "node": self.me, "stage": self.stage_id,
@@ -279,6 +336,9 @@ class Worker:
         act_shape = (cfg.train.samples_per_microbatch, self.spec.seq_len, self.spec.dim)
         dtype = next(stage.parameters()).dtype if stage is not None else torch.float32
         saved, targets, losses = {}, {}, {}
+        self.leaves: Dict[str, str] = {}
+        full = self.level == "full"
+        stage_of = plan.stage_of()
         for mb_id, phase in plan.node_order.get(self.me, []):
             nodes = [routes[mb_id].originator, *routes[mb_id].path]
             i = nodes.index(self.me)
@@ -288,9 +348,17 @@ class Worker:
                     mb = self.data.microbatch(cfg.run.seed, step, mb_id, cfg.train.samples_per_microbatch,
                                               self.spec.seq_len)
                     x, targets[mb_id] = mb.inputs.to(self.device), mb.targets.to(self.device)
+                    if self.level != "off":
+                        self.leaves.update(data_leaf(mb))
                 else:
                     x = self.transport.recv(nodes[i - 1], step, mb_id, ACT, act_shape, dtype)
                 out, saved[mb_id] = self._timed(times, "F", compute.forward, stage, x)
+                if self._corrupting(step, "act"):
+                    out = out.clone()
+                    out.view(-1)[0] += 1e-3
+                    self.corrupt_step = None  # one element of one activation
+                if full:
+                    self.leaves.update(hop_leaf("act", mb_id, i, self.stage_id, out))
                 self.transport.send(out, after, step, mb_id, ACT)
             elif phase == "L":
                 hidden = self.transport.recv(nodes[-1], step, mb_id, ACT, act_shape, dtype)
@@ -298,6 +366,8 @@ class Worker:
                                                      targets.pop(mb_id))
                 self.acc.add(mb_id, compute.head_params(stage), head_grads)
                 losses[mb_id] = float(loss)
+                if full:
+                    self.leaves.update(hop_leaf("grad", mb_id, len(nodes) - 1, 0, grad))
                 self.transport.send(grad, nodes[-1], step, mb_id, GRAD)
             else:
                 grad = self.transport.recv(after, step, mb_id, GRAD, act_shape, dtype)
@@ -305,6 +375,8 @@ class Worker:
                 self.acc.add(mb_id, compute.body_params(stage), body_grads)
                 self.acc.complete(mb_id)
                 if i > 0:
+                    if full:
+                        self.leaves.update(hop_leaf("grad", mb_id, i - 1, stage_of[self.me], grad_in))
                     self.transport.send(grad_in, nodes[i - 1], step, mb_id, GRAD)
         return losses
 
@@ -315,6 +387,9 @@ class Worker:
         grad = None
         if self.stage is not None:
             mine = self.acc.result()
+            if self._corrupting(step, "grad"):
+                mine = mine.clone()
+                mine[0] += 1e-3
             if self.stage_group is None:
                 totals = [mine]
             else:  # gathered in allocation order of the live replicas
@@ -428,19 +503,26 @@ def serve(env: WorkerEnv, control: ControlChannel, namespace: str = "") -> None:
                 raise RuntimeError(f"the coordinator aborted the run: {command['abort']}")
             if worker.me not in command.get("members", [worker.me]):
                 return  # excluded from the new generation
+            extra: Dict[str, Any] = {}
             try:
                 worker.commit(command.get("commit_step"))
+                ckpt = command.get("checkpoint")
+                extra = {"state": worker.take_state_report(),
+                         "ckpt": worker.save_checkpoint(plan, ckpt["step"], ckpt["dir"]) if ckpt else None}
                 if command.get("stop"):
                     if plan is not None and command.get("save_dir"):
                         worker.save_final(plan, command["save_dir"])
-                    control.report(index, worker.me, {"ok": True, "stopped": True})
+                    control.report(index, worker.me, {"ok": True, "stopped": True, **extra})
                     return
                 plan = Plan.from_dict(command["plan"])
                 if command["generation"] != worker.generation:
                     worker.setup(command, plan)
-                control.report(index, worker.me, worker.step(plan, command["step"], command["lr"]))
+                if command.get("load"):
+                    worker.load_checkpoint(command["load"])
+                control.report(index, worker.me, {**worker.step(plan, command["step"], command["lr"]), **extra})
             except Exception as err:  # report, drop this generation's groups, wait for the next command
-                info = describe_error(err)
+                info = {**describe_error(err), "state": extra.get("state") or worker.take_state_report(),
+                        "ckpt": extra.get("ckpt")}
                 control.report(index, worker.me, info)
                 if info["secondary"]:  # caused by a peer: one line; the coordinator names the cause
                     log.warning("step abandoned: %s", info["message"][:200])

@@ -8,10 +8,8 @@ replicated stage needs only one copy of its parameters here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict, List
-
-import torch
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
 
 from skippipe.data.dataset import Microbatch
 from skippipe.model.presets import ModelSpec
@@ -20,6 +18,7 @@ from skippipe.plan import Plan
 from skippipe.train import compute
 from skippipe.train.compute import GradAccumulator
 from skippipe.train.optim import apply_step, make_optimizer
+from skippipe.verify.leaves import data_leaf, hop_leaf, loss_leaves, node_state_leaves, route_leaf, state_digests
 
 
 @dataclass
@@ -27,26 +26,34 @@ class StepResult:
     loss: float  # mean of the microbatch losses
     losses: Dict[int, float]  # per microbatch id
     grad_norm: float  # global norm before clipping
+    leaves: Dict[str, str] = field(default_factory=dict)  # ledger leaves of the step (verify.level)
 
 
 def microbatch_gradients(stages, stage_of: Dict[str, int], mb_route, microbatch: Microbatch,
-                         accumulators) -> float:
+                         accumulators, on_send: Optional[Callable] = None) -> float:
     """Run one microbatch's F, L and B phases along its path; add its gradients to the visited
-    nodes' accumulators. Returns its loss."""
+    nodes' accumulators. Returns its loss. ``on_send(kind, microbatch_id, hop, sender_stage, tensor)``
+    sees every tensor that a distributed run would send (hop h: nodes[h] -> nodes[h+1])."""
     nodes = [mb_route.originator, *mb_route.path]
     saved = []
     hidden = microbatch.inputs
-    for node in nodes:
+    for hop, node in enumerate(nodes):
         hidden, kept = compute.forward(stages[stage_of[node]], hidden)
         saved.append(kept)
+        if on_send is not None:
+            on_send("act", microbatch.id, hop, stage_of[node], hidden)
     first = stages[0]
     loss, grad, head_grads = compute.loss_and_head_grads(first, hidden, microbatch.targets)
+    if on_send is not None:
+        on_send("grad", microbatch.id, len(nodes) - 1, 0, grad)
     accumulators[mb_route.originator].add(microbatch.id, compute.head_params(first), head_grads)
-    for node, kept in zip(reversed(nodes), reversed(saved)):
-        stage = stages[stage_of[node]]
-        grad, body_grads = compute.backward(stage, kept, grad)
+    for hop in reversed(range(len(nodes))):
+        node, stage = nodes[hop], stages[stage_of[nodes[hop]]]
+        grad, body_grads = compute.backward(stage, saved[hop], grad)
         accumulators[node].add(microbatch.id, compute.body_params(stage), body_grads)
         accumulators[node].complete(microbatch.id)
+        if on_send is not None and hop > 0:
+            on_send("grad", microbatch.id, hop - 1, stage_of[node], grad)
     return float(loss)
 
 
@@ -60,30 +67,45 @@ class ReferenceExecutor:
         self.optimizers = {k: make_optimizer(s, train_cfg) for k, s in self.stages.items()}
         self.device = device
 
-    def gradients(self, plan: Plan, microbatches: List[Microbatch]) -> tuple[Dict[int, torch.Tensor], Dict[int, float]]:
-        """Per-stage flat gradients of one iteration (before clipping) and per-microbatch losses."""
+    def gradients(self, plan: Plan, microbatches: List[Microbatch], level: str = "off",
+                  leaves: Optional[Dict[str, str]] = None):
+        """Per-stage flat gradients of one iteration (before clipping) and per-microbatch losses;
+        fills ``leaves`` with the data (and, at level ``full``, the sent tensors') digests."""
         by_id = {mb.id: mb for mb in microbatches}
         stage_of = plan.stage_of()
         accumulators = {node: GradAccumulator(self.stages[stage_of[node]], plan.visits_of(node))
                         for node in plan.nodes()}
+        on_send = None
+        if level == "full" and leaves is not None:
+            def on_send(kind, mb_id, hop, sender_stage, tensor):
+                leaves.update(hop_leaf(kind, mb_id, hop, sender_stage, tensor))
         losses = {}
         for route in sorted(plan.microbatches, key=lambda r: r.id):
             mb = by_id[route.id]
+            if level != "off" and leaves is not None:
+                leaves.update(data_leaf(mb))
             moved = Microbatch(mb.id, mb.sample_ids, mb.inputs.to(self.device), mb.targets.to(self.device))
-            losses[route.id] = microbatch_gradients(self.stages, stage_of, route, moved, accumulators)
+            losses[route.id] = microbatch_gradients(self.stages, stage_of, route, moved, accumulators, on_send)
         num_mb = len(plan.microbatches)
         grads = {stage: compute.reduce_replicas([accumulators[n].result() for n in nodes], num_mb)
                  for stage, nodes in enumerate(plan.allocation) if stage in self.stages}
         return grads, losses
 
-    def step(self, plan: Plan, microbatches: List[Microbatch], lr: float) -> StepResult:
-        grads, losses = self.gradients(plan, microbatches)
+    def step(self, plan: Plan, microbatches: List[Microbatch], lr: float, level: str = "off") -> StepResult:
+        leaves: Dict[str, str] = {}
+        grads, losses = self.gradients(plan, microbatches, level, leaves)
         norm, scale = compute.clip_coefficient([compute.grad_sq_norm(grads[k]) for k in sorted(grads)],
                                                self.train_cfg.grad_clip)
         for k in sorted(grads):
             apply_step(self.stages[k], self.optimizers[k], grads[k], scale, lr)
+        if level != "off":  # every replica holds the same state: hash once, name it per node
+            leaves.update(route_leaf(plan))
+            leaves.update(loss_leaves(losses))
+            for k, nodes in enumerate(plan.allocation):
+                if nodes:
+                    leaves.update(node_state_leaves(k, nodes, state_digests(self.stages[k], self.optimizers[k])))
         mean = sum(losses[i] for i in sorted(losses)) / len(losses)
-        return StepResult(mean, losses, norm)
+        return StepResult(mean, losses, norm, leaves)
 
     def evaluate(self, batches, stage_path=None) -> float:
         """Mean validation loss over ``batches`` along ``stage_path`` (default: every stage in order)."""

@@ -1,0 +1,81 @@
+"""Replay a recorded run with the in-process reference executor (the referee's computation).
+
+Routes are an input of the computation (DESIGN.md section 5): the replay executes exactly the plans in
+the run's ``routes.jsonl``, starting from a verified checkpoint (or from the seeded initialisation),
+and returns every step's ledger leaves, which must equal the run's if the run computed honestly.
+Fault injection (``fault.*``) is never replayed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Tuple
+
+from skippipe.errors import UserError
+
+
+def load_run_config(run_dir: Path):
+    """The run's resolved config, with faults and tracking off (a replay is quiet and honest)."""
+    from omegaconf import OmegaConf
+
+    from skippipe.config import from_dict
+
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise UserError(f"'{path}' is missing: '{run_dir}' is not a SkipPipe run directory")
+    data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    data["fault"] = {}
+    data.setdefault("tracking", {})["wandb"] = {"mode": "disabled"}
+    data["schedule"]["routes_from"] = None
+    return from_dict(data)
+
+
+def executor_at(run_dir: Path, step: int) -> Tuple[object, object, object, Dict]:
+    """(config, data, executor holding the state at the *start* of ``step``, plans) — from the newest
+    checkpoint before ``step`` (verified against its manifest), replaying the steps in between."""
+    from skippipe.data import load_data
+    from skippipe.model.presets import resolve_model_spec
+    from skippipe.routelog import read_routes
+    from skippipe.train.loop import pin_threads
+    from skippipe.train.reference import ReferenceExecutor
+    from skippipe.verify.checkpoint import list_checkpoints, load_stage_file, verify_checkpoint
+    from skippipe.verify.leaves import load_state_tensors
+
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    pin_threads(cfg.run.threads)
+    data = load_data(cfg.data)
+    spec = resolve_model_spec(cfg.model, vocab_size=data.vocab_size)
+    plans = read_routes(run_dir)
+    num_stages = next(iter(plans.values())).num_stages if plans else len(cfg.schedule.partition_sizes)
+    executor = ReferenceExecutor(spec, num_stages, cfg.run.seed, cfg.train)
+    start = 0
+    usable = [s for s in list_checkpoints(run_dir) if s < step]
+    if usable:
+        ckpt = run_dir / "ckpt" / str(usable[-1])
+        problem = verify_checkpoint(ckpt)
+        if problem:
+            raise UserError(f"replay: {problem}")
+        for k, stage in executor.stages.items():
+            load_state_tensors(stage, executor.optimizers[k], load_stage_file(ckpt / f"stage{k}.pt"))
+        start = usable[-1] + 1
+    for s in range(start, step):
+        _step(cfg, data, executor, plans, s)
+    return cfg, data, executor, plans
+
+
+def _step(cfg, data, executor, plans, step: int):
+    from skippipe.train.optim import lr_at
+
+    if step not in plans:
+        raise UserError(f"replay: routes.jsonl has no step {step}")
+    plan = plans[step]
+    mbs = [data.microbatch(cfg.run.seed, step, r.id, cfg.train.samples_per_microbatch, executor.spec.seq_len)
+           for r in plan.microbatches]
+    return executor.step(plan, mbs, lr_at(step, cfg.train), level=cfg.verify.level)
+
+
+def replay(run_dir, from_step: int, to_step: int) -> Dict[int, Dict[str, str]]:
+    """Ledger leaves of steps ``from_step..to_step`` recomputed from the state after ``from_step-1``."""
+    cfg, data, executor, plans = executor_at(Path(run_dir), from_step)
+    return {s: _step(cfg, data, executor, plans, s).leaves for s in range(from_step, to_step + 1)}
