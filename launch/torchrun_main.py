@@ -1,6 +1,9 @@
 """torchrun entry point: ``torchrun --standalone --nproc_per_node=N launch/torchrun_main.py CONFIG key=value ...``
 
 Every rank runs the same worker as ``launcher=local``; rank 0 also runs the coordinator (in a thread).
+With ``--max-restarts``, a failed rank makes torchrun restart the whole group; the restarted group
+(TORCHELASTIC_RESTART_COUNT > 0) resumes from the newest verified checkpoint (``run.resume=true``) and
+does not repeat injected faults. Set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for restarts.
 N must equal the topology's node count. The control store is torchrun's own store at
 MASTER_ADDR:MASTER_PORT (hosted by the agent, or by rank 0 when TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1),
 namespaced by TORCHELASTIC_RESTART_COUNT so a restarted group never reads a stale key.
@@ -17,7 +20,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def main(argv) -> int:
-    from skippipe.cli import main as cli_main
     from skippipe.config import load_config
     from skippipe.errors import UserError
     from skippipe.runtime.control import ControlChannel, connect_store
@@ -27,16 +29,21 @@ def main(argv) -> int:
     from skippipe.train.loop import pin_threads
 
     config = argv[0] if argv and "=" not in argv[0] else None
+    overrides = list(argv[1:] if config else argv)
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if restart:  # torchrun restarted the group after a failure: continue from the last verified checkpoint
+        overrides.append("run.resume=true")
     try:
-        cfg = load_config(config, argv[1:] if config else argv)
-    except UserError:
-        return cli_main(["train", *argv, "launcher=inprocess", "train.steps=0"])  # prints the one-line error
+        cfg = load_config(config, overrides)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
     env = WorkerEnv.from_environ()
     logging.basicConfig(level=logging.INFO if env.rank == 0 else logging.WARNING,
                         format="%(message)s" if env.rank == 0 else f"[rank {env.rank}] %(levelname)s %(message)s")
     pin_threads(cfg.run.threads)
     timeout = cfg.runtime.timeout_s
-    namespace = f"/restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    namespace = f"/restart{restart}"
     hosted = None
     if env.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         hosted = connect_store(env.master_addr, env.master_port, True, timeout)  # noqa: F841 (keep alive)

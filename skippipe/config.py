@@ -311,8 +311,22 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
     obj: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     if obj.run.name is None:
         obj.run.name = stem or "default"
+    if path is not None and obj.topology.file:
+        obj.topology.file = _resolve_near(obj.topology.file, Path(path))
     check_config(obj)
     return obj
+
+
+def _resolve_near(relative: str, config_path: Path) -> str:
+    """A path in a config file is taken from the working directory, else from the config file's
+    folder or the folders above it (``configs/topology/geo2.yaml`` works from anywhere)."""
+    candidate = Path(relative).expanduser()
+    if candidate.is_absolute() or candidate.exists():
+        return str(candidate)
+    for folder in list(config_path.resolve().parents)[:3]:
+        if (folder / candidate).exists():
+            return str(folder / candidate)
+    return relative
 
 
 def to_yaml(cfg: Config) -> str:

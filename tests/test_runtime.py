@@ -137,3 +137,21 @@ def test_torchrun_entry_runs_two_steps(tmp_path):
     lines = metrics(tmp_path)
     assert [m["step"] for m in lines if "loss/train" in m and "loss/val" not in m] == [0, 1]
     assert lines[-1]["loss/val"] > 0
+
+
+@pytest.mark.slow
+def test_torchrun_restart_resumes_from_checkpoint(tmp_path):
+    """A killed rank makes torchrun (--max-restarts=1) restart the group; it resumes from the newest
+    verified checkpoint and its ledger equals an uninterrupted run's."""
+    common = ["configs/tiny.yaml", *SMALL, "train.steps=6", "checkpoint.every=2"]
+    assert main(["train", *common, f"run.dir={tmp_path / 'ref'}", "launcher=inprocess"]) == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=6", "--max-restarts=1",
+           "launch/torchrun_main.py", *common, f"run.dir={tmp_path / 'tr'}", "fault.kill.step=4",
+           "fault.kill.node=n3"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming after step" in proc.stdout + proc.stderr
+    assert [m["step"] for m in metrics(tmp_path / "tr") if "loss/val" not in m] == list(range(6))
+    ledger = [(tmp_path / run / "ledger" / "steps.jsonl").read_text() for run in ("ref", "tr")]
+    assert ledger[0] == ledger[1]

@@ -53,6 +53,7 @@ class WorkerEnv:
     master_port: int
     node: Optional[str] = None  # SKIPPIPE_NODE
     incarnation: int = 0  # SKIPPIPE_INCARNATION: 0 for an original node, >0 for a replacement
+    restart: int = 0  # TORCHELASTIC_RESTART_COUNT: >0 after torchrun restarted the group
 
     @classmethod
     def from_environ(cls, environ=os.environ) -> "WorkerEnv":
@@ -62,7 +63,13 @@ class WorkerEnv:
                                "(start workers with skippipe train, torchrun or the Ray launcher)")
         return cls(int(environ["RANK"]), int(environ["WORLD_SIZE"]), int(environ.get("LOCAL_RANK", 0)),
                    environ["MASTER_ADDR"], int(environ["MASTER_PORT"]), environ.get("SKIPPIPE_NODE"),
-                   int(environ.get("SKIPPIPE_INCARNATION", "0")))
+                   int(environ.get("SKIPPIPE_INCARNATION", "0")), int(environ.get("TORCHELASTIC_RESTART_COUNT", "0")))
+
+    @property
+    def fresh(self) -> bool:
+        """The first life of this node: injected faults apply only here, never to a replacement or
+        a restarted group (they would repeat forever)."""
+        return self.incarnation == 0 and self.restart == 0
 
 
 @dataclass
@@ -108,7 +115,7 @@ class Worker:
         self.level = self.cfg.verify.level
         self.state_report: Optional[Dict[str, Any]] = None  # digests after the last committed update
         corrupt = self.cfg.fault.corrupt
-        self.corrupt_step = corrupt.step if corrupt.node == self.me and not env.incarnation else None
+        self.corrupt_step = corrupt.step if corrupt.node == self.me and env.fresh else None
 
     def _device(self) -> torch.device:
         name = self.cfg.train.device
@@ -281,7 +288,7 @@ class Worker:
         """``fault.kill`` ends this process; ``fault.error`` raises (tests and demos). A replacement
         (incarnation > 0) does not repeat its predecessor's fault."""
         fault = self.cfg.fault
-        if self.env.incarnation:
+        if not self.env.fresh:
             return
         if fault.kill.node == self.me and fault.kill.step == step:
             os._exit(137)
