@@ -7,7 +7,7 @@ TORCH   ?= torch==2.13.0
 export OMP_NUM_THREADS ?= 1
 export WANDB_SILENT ?= true
 
-.PHONY: install run test test-fast lint bench bench-plan bench-runtime bench-quality clean
+.PHONY: install run test test-fast lint bench bench-plan bench-runtime bench-quality bench-fault bench-verify clean
 
 install: $(STAMP)
 
@@ -31,13 +31,19 @@ test-fast: install
 lint: install
 	$(BIN)/ruff check skippipe tests bench launch
 
-bench: bench-plan bench-runtime bench-quality
+bench: bench-plan bench-runtime bench-fault bench-verify bench-quality
 
 bench-plan: install
 	$(BIN)/python bench/plan_bench.py
 
 bench-runtime: install
 	$(BIN)/python bench/runtime_bench.py
+
+bench-fault: install
+	$(BIN)/python bench/fault_bench.py
+
+bench-verify: install
+	$(BIN)/python bench/verify_bench.py
 
 bench-quality: install
 	$(BIN)/python bench/quality_study.py

@@ -11,6 +11,8 @@ B. Hashing per step on the tiny model's real shapes (4 stages): ``states`` (para
 C. ``skippipe verify A --against B`` on two 1,000-step ledgers that diverge at a random step (lookups
    only: read both ledgers, check the chain links, bisect, diff one step's leaves). Target: under 1 s.
 D. With ``--run``: replay cost per step (``skippipe.verify.replay``) against the run's ``time/iter_s``.
+E. With ``--executor-steps N``: the tiny config trained in-process at verify.level off/states/full
+   (interleaved, two rounds), median iteration time: the executor's real hashing overhead.
 
 Writes bench/results/verify_bench.json. A benchmark, not a test: it never fails on a number.
 """
@@ -206,8 +208,30 @@ def replay_cost(run_dir: Path) -> dict:
             "train_s_per_step": statistics.median(iters), "ratio": s / statistics.median(iters), "roots_match": match}
 
 
+def executor_overhead(tmp: Path, steps: int) -> dict:
+    """E. Hashing cost inside the real executor: the tiny config trained in-process at each
+    ``verify.level``, runs interleaved, median ``time/iter_s`` after two warm-up steps."""
+    from skippipe.cli import main as cli
+
+    iters: Dict[str, List[float]] = {"off": [], "states": [], "full": []}
+    for rnd in range(2):
+        for level in ("off", "states", "full"):
+            run = tmp / f"{level}{rnd}"
+            code = cli(["train", str(ROOT / "configs" / "tiny.yaml"), "launcher=inprocess", f"train.steps={steps}",
+                        f"verify.level={level}", "tracking.progress=false", "tracking.wandb.mode=disabled",
+                        f"run.dir={run}"])
+            assert code == 0, f"training failed for level {level}"
+            lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+            iters[level] += [m["time/iter_s"] for m in lines if "time/iter_s" in m][2:]
+    med = {level: statistics.median(v) for level, v in iters.items()}
+    return {"steps": steps, "median_iter_s": med,
+            "overhead": {level: med[level] / med["off"] - 1 for level in ("states", "full")}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--executor-steps", type=int, default=0,
+                        help="E: also train the tiny config in-process at each verify.level for this many steps")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--samples", type=int, default=8, help="samples per microbatch (tiny config)")
@@ -219,6 +243,7 @@ def main() -> None:
         throughput = digest_throughput()
         hashing = hashing_per_step(tmp / "hash", args.samples)
         against = against_1000(tmp / "against", args.steps, args.repeats)
+        executor = executor_overhead(tmp / "exec", args.executor_steps) if args.executor_steps else None
     replay = replay_cost(args.run) if args.run else {"available": False, "reason": "no --run given"}
 
     print("A. digest throughput")
@@ -239,12 +264,18 @@ def main() -> None:
               f"s/step (x{replay['ratio']:.2f}), roots match: {replay['roots_match']}")
     else:
         print(f"D. replay cost: n/a ({replay['reason']})")
+    if executor:
+        med, over = executor["median_iter_s"], executor["overhead"]
+        print(f"E. executor, tiny config in-process, median iteration: off {med['off']:.3f} s, states "
+              f"{med['states']:.3f} s ({100 * over['states']:+.1f}%, target < 5%), full {med['full']:.3f} s "
+              f"({100 * over['full']:+.1f}%)")
     machine = {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
                "torch": torch.__version__, "threads": torch.get_num_threads(),
                "cpu_capability": torch.backends.cpu.get_cpu_capability(), "load": os.getloadavg()}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"machine": machine, "digest_throughput": throughput, "hashing": hashing,
-                                   "verify_against": against, "replay": replay}, indent=1) + "\n")
+                                   "verify_against": against, "replay": replay,
+                                   "executor": executor}, indent=1) + "\n")
     print(f"wrote {RESULTS.relative_to(ROOT)}")
 
 

@@ -170,7 +170,7 @@ class FaultConfig:
     error: KillConfig = field(default_factory=KillConfig)  # the node's worker raises at that step
     slow_nodes: Dict[str, float] = field(default_factory=dict)  # node name -> slowdown factor
     replace: bool = False  # start a new process/actor for a dead node; it joins when ready
-    rebuild: str = "init"  # a stage with no live replica restarts from: init (seeded) or checkfree
+    rebuild: str = "init"  # a stage with no live replica restarts from: init (seeded), checkpoint or checkfree
     corrupt: CorruptConfig = field(default_factory=CorruptConfig)
     slow_threshold: float = 2.0  # a node this many times slower than the median node (3 steps running) is slow
     heartbeat_s: float = 2.0
@@ -376,6 +376,8 @@ def check_config(cfg: Config) -> None:
     """Cross-field checks, once at startup; each failure names the key, the numbers and the fix."""
     from skippipe.model.presets import resolve_model_spec
 
+    if cfg.verify.level in ("False", "false"):  # YAML reads a bare `off` as the boolean false
+        cfg.verify.level = "off"
     _choice(cfg.launcher, LAUNCHERS, "launcher")
     _choice(cfg.schedule.method, METHODS, "schedule.method")
     _choice(cfg.verify.level, VERIFY_LEVELS, "verify.level")
@@ -383,7 +385,7 @@ def check_config(cfg: Config) -> None:
     _choice(cfg.data.source, DATA_SOURCES, "data.source")
     _choice(cfg.data.tokenizer, TOKENIZERS, "data.tokenizer")
     _choice(cfg.fault.corrupt.tensor, ("param", "grad", "act", "op"), "fault.corrupt.tensor")
-    _choice(cfg.fault.rebuild, ("init", "checkfree"), "fault.rebuild")
+    _choice(cfg.fault.rebuild, ("init", "checkpoint", "checkfree"), "fault.rebuild")
     if cfg.train.steps < 0:
         raise ConfigError(f"train.steps={cfg.train.steps} must be >= 0")
     _positive(cfg.train.samples_per_microbatch, "train.samples_per_microbatch")

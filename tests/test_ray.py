@@ -115,8 +115,10 @@ def test_stage_losing_all_replicas_is_skipped_then_restored(ray_cluster, tmp_pat
 
 
 def test_slow_node_receives_fewer_microbatches(ray_cluster, tmp_path):
-    # memory=4: TC1 lets the slow node's twin (and the other stages) take its microbatches
-    common = ["train.steps=8", "schedule.memory=4", "cost.fwd_s_per_sample_layer=0.002"]
+    # one cluster (links do not dominate), memory=4: TC1 lets the slow node's twin and the other
+    # stages take its microbatches
+    common = ["train.steps=8", "schedule.memory=4", "cost.fwd_s_per_sample_layer=0.002", "topology.file=null",
+              "topology.generate.count=6", "topology.generate.placement=single"]
     allocation = allocation_of(config(tmp_path, *common))
     slow = allocation[1][0]  # a replica of stage 1
     cfg = config(tmp_path, *common, f"fault.slow_nodes.{slow}=8.0")
@@ -140,7 +142,7 @@ def test_ray_job_submit_end_to_end(tmp_path):
         run = tmp_path / "job"
         cmd = [ray_bin, "job", "submit", "--address", "http://127.0.0.1:8265", "--working-dir", str(REPO),
                "--runtime-env", str(REPO / "launch" / "runtime_env.yaml"), "--",
-               "python", "launch/ray_job.py", "configs/tiny.yaml", *SMALL[:-2], "ray.num_cpus_per_worker=0.25",
+               sys.executable, "launch/ray_job.py", "configs/tiny.yaml", *SMALL[:-2], "ray.num_cpus_per_worker=0.25",
                "train.steps=2", f"run.dir={run}"]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

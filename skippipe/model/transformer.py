@@ -40,6 +40,7 @@ def rotary_tables(seq_len: int, head_dim: int, theta: float, device=None):
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: (batch, heads, seq, head_dim); rotate pairs (even, odd) by the position angle."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # keep bf16/fp16 activations in their dtype
     x1, x2 = x[..., 0::2], x[..., 1::2]
     out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
     return out.flatten(-2)

@@ -47,19 +47,24 @@ class ControlChannel:
     def get_now(self, key: str) -> Any:
         return json.loads(self.store.get(key))
 
-    def wait_for(self, key: str, timeout_s: Optional[float] = None, poll_s: float = 0.002,
-                  abort=None) -> Any:
-        """Wait for ``key``; ``abort()`` may raise to stop waiting (e.g. a dead peer)."""
-        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
-        while not self.store.check([key]):
+    def wait_for(self, key: str, timeout_s: Optional[float] = None, abort=None, chunk_s: float = 5.0) -> Any:
+        """Wait for ``key`` (blocking in the store server, so it wakes as soon as the key is set),
+        checking ``abort()`` (which may raise, e.g. on a dead peer) every ``chunk_s``. (Each expired
+        store wait logs a c10d warning, so the chunks are long; polling ``check`` instead would cost a
+        round trip per poll on every waiting worker.)"""
+        limit = self.timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + limit
+        while True:
+            try:
+                self.store.wait([key], timedelta(seconds=max(0.001, min(chunk_s, deadline - time.monotonic()))))
+                return self.get_now(key)
+            except RuntimeError as err:  # the store's wait timed out (or the store is gone)
+                if "timeout" not in str(err).lower() and "timed out" not in str(err).lower():
+                    raise
             if abort is not None:
                 abort()
             if time.monotonic() > deadline:
-                raise TimeoutError(f"control: nothing arrived for '{key}' within "
-                                   f"{self.timeout_s if timeout_s is None else timeout_s:.0f} s")
-            time.sleep(poll_s)
-            poll_s = min(poll_s * 1.5, 0.05)
-        return self.get_now(key)
+                raise TimeoutError(f"control: nothing arrived for '{key}' within {limit:.0f} s")
 
     # -- protocol -----------------------------------------------------------------------------
     def publish_config(self, config: Dict[str, Any], nodes) -> None:

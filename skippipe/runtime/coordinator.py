@@ -152,6 +152,35 @@ def measured_stats(outcome: StepOutcome, plan: Plan, iter_s: float) -> Dict[str,
     return stats
 
 
+class Predictor:
+    """``time/predicted_iter_s``: the simulator's time for this step's plan on the cost model as
+    measured *before* the step (measured compute folded in by EWMA; the plan-time figure is
+    ``time/planned_iter_s``), plus the measured per-step cost the simulator does not model: the
+    coordinator's command round trip, the workers' start skew and the end-of-step gradient collectives
+    and optimizer step (iteration time minus the longest worker's action time, EWMA)."""
+
+    def __init__(self, weight: float = 0.3):
+        self.overhead_s: Optional[float] = None
+        self.weight = weight
+
+    def predict(self, planner, plan: Plan) -> Optional[float]:
+        if self.overhead_s is None:
+            return plan.predicted_makespan_s
+        from skippipe.simulate import simulate
+
+        return simulate(plan, planner.cost).makespan_s + self.overhead_s
+
+    def observe(self, planner, outcome: StepOutcome, plan: Plan, iter_s: float) -> None:
+        observe_measurements(planner, outcome, plan)
+        reports = [r for r in outcome.node_reports.values() if "step_s" in r]
+        if not reports:
+            return
+        actions_s = max(r["step_s"] - r.get("reduce_s", 0.0) for r in reports)
+        overhead = max(0.0, iter_s - actions_s)
+        w = self.weight
+        self.overhead_s = overhead if self.overhead_s is None else (1 - w) * self.overhead_s + w * overhead
+
+
 def observe_measurements(planner, outcome: StepOutcome, plan: Plan) -> None:
     """Fold measured per-phase compute times into the cost model (EWMA), so re-plans follow reality."""
     cost = planner.cost
@@ -246,6 +275,7 @@ class Coordinator:
         bar = Progress(cfg.train.steps, cfg.tracking.progress, cfg.tracking.log_every)
         monitor = self.monitor = FaultMonitor(cfg, planner.topology.names())
         recorder = self.recorder
+        self.predictor = Predictor()
         checkpoint = None  # a checkpoint of the last step's state, written with the next command
         for step in range(self.first_step, cfg.train.steps):
             t0 = time.perf_counter()
@@ -257,10 +287,12 @@ class Coordinator:
             iter_s = time.perf_counter() - t0
             step_tokens = len(plan.microbatches) * samples * spec.seq_len
             tokens += step_tokens
-            observe_measurements(planner, outcome, plan)
+            predicted = self.predictor.predict(planner, plan)  # from what was measured before this step
+            self.predictor.observe(planner, outcome, plan, iter_s)
             monitor.after_step(planner, outcome, plan)
             record = {"step": step, "loss/train": outcome.loss, "lr": lr, "grad_norm": outcome.grad_norm,
-                      "time/iter_s": iter_s, "time/predicted_iter_s": plan.predicted_makespan_s,
+                      "time/iter_s": iter_s, "time/predicted_iter_s": predicted,
+                      "time/planned_iter_s": plan.predicted_makespan_s,
                       "time/plan_s": planner.last_plan_s, "throughput/tokens_per_s": step_tokens / iter_s,
                       **route_stats(plan), **measured_stats(outcome, plan, iter_s),
                       **cluster_stats(planner, plan, monitor.generation, monitor.reroutes, chain=recorder.chain),

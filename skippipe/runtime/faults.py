@@ -36,18 +36,29 @@ class FaultMonitor:
         self._streak: Dict[str, int] = {}
         self.relative: Dict[str, float] = {}  # last measured speed ratio against the median node
         self.events: List[Dict[str, Any]] = []
+        self.last_recovery: Dict[str, float] = {}  # times of the last step's recovery, for metrics
 
     def execute(self, planner, executor, step: int, lr: float, data, checkpoint=None) -> Tuple[Plan, Any]:
         """Run ``step``; on a node failure re-plan without the failed nodes and redo it."""
+        self.last_recovery: Dict[str, float] = {}
         for attempt in range(MAX_REDOS_PER_STEP + 1):
             self.before_step(planner, executor, step)
             plan = planner.plan(step)
+            started = time.time()
             try:
-                return plan, executor.step(plan, step, lr, data, checkpoint)
+                outcome = executor.step(plan, step, lr, data, checkpoint)
             except NodeFailure as failure:
                 if attempt == MAX_REDOS_PER_STEP:
                     raise RunFailed(f"step {step} failed {attempt + 1} times; last: {failure}") from None
+                detected = time.time()
                 self._recover(planner, executor, step, failure)
+                # faults strike while the step runs; the step's start bounds the failure time from below
+                self.last_recovery = {"fault/detect_s": detected - started, "fault/rebuild_s": time.time() - detected,
+                                      "failed_at": started}
+                continue
+            if self.last_recovery:
+                self.last_recovery["fault/recovered_s"] = time.time() - self.last_recovery.pop("failed_at")
+            return plan, outcome
         raise AssertionError("unreachable")
 
     def _recover(self, planner, executor, step: int, failure: NodeFailure) -> None:
@@ -90,7 +101,7 @@ class FaultMonitor:
         if len(ratios) < 2:
             return
         median = statistics.median(ratios.values())
-        self.relative = {n: r / median for n, r in ratios.items()}
+        self.relative.update({n: r / median for n, r in ratios.items()})  # unmeasured nodes keep their last value
         threshold = self.cfg.fault.slow_threshold
         above = {n: r / median for n, r in ratios.items() if r / median > threshold}
         self._streak = {n: self._streak.get(n, 0) + 1 for n in above}
@@ -118,5 +129,9 @@ class FaultMonitor:
         return ratios
 
     def metrics(self) -> Dict[str, float]:
-        """``node/<name>/slowdown``: measured compute time relative to the median node (1.0 = typical)."""
-        return {f"node/{n}/slowdown": round(self.relative.get(n, 1.0), 3) for n in self.nodes if n not in self.dead}
+        """``node/<name>/slowdown``: measured compute time relative to the median node (1.0 = typical);
+        after a recovery, ``fault/detect_s`` (step start to detection), ``fault/rebuild_s`` (new
+        generation and plan) and ``fault/recovered_s`` (step start to the redone step's completion)."""
+        out = {f"node/{n}/slowdown": round(self.relative.get(n, 1.0), 3) for n in self.nodes if n not in self.dead}
+        out.update(self.last_recovery)
+        return out

@@ -58,6 +58,7 @@ class RemoteExecutor:
         self.incarnation: Dict[str, int] = {}
         self.joining: Dict[str, int] = {}  # replacements started but not yet admitted: node -> incarnation
         self.rebuild: Dict[int, List[str]] = {}
+        self.restore: Dict[int, str] = {}  # stage -> checkpoint directory its new replica loads
         self.finished = False
 
     def start(self, nodes: List[str], vocab_size: int) -> None:
@@ -85,12 +86,13 @@ class RemoteExecutor:
                                      "lr": lr, "plan": plan.to_dict(), "commit_step": self.commit_step,
                                      "sync": {str(k): v for k, v in self.sync.items()},
                                      "rebuild": {str(k): v for k, v in self.rebuild.items()},
+                                     "restore": {str(k): v for k, v in self.restore.items()},
                                      "checkpoint": checkpoint, "load": getattr(self, "load_dir", None)})
         self.command_index += 1
         reports, dead = self._gather(index)
         self._raise_on_failure(reports, dead)
         self.load_dir = None
-        self.commit_step, self.sync, self.rebuild = step, {}, {}
+        self.commit_step, self.sync, self.rebuild, self.restore = step, {}, {}, {}
         losses = {int(k): v for r in reports.values() for k, v in r["losses"].items()}
         missing = sorted({mb.id for mb in plan.microbatches} - set(losses))
         if missing:
@@ -113,7 +115,10 @@ class RemoteExecutor:
                     pending.discard(node)
             exited = self.launcher.exited() if self.launcher is not None else {}
             for node in sorted(pending & set(exited)):
-                dead[node] = f"process exited with code {exited[node]}"
+                if self.control.has(f"report/{index}/{node}"):  # it reported, then ended (e.g. after stop)
+                    reports[node] = self.control.get_now(f"report/{index}/{node}")
+                else:
+                    dead[node] = f"process exited with code {exited[node]}"
                 pending.discard(node)
             for node in self._silent(pending):
                 dead[node] = f"no heartbeat for {self._heartbeat_limit_s():.0f} s"
@@ -127,7 +132,7 @@ class RemoteExecutor:
                 break
             if pending:
                 time.sleep(poll_s)
-                poll_s = min(poll_s * 1.5, 0.05)
+                poll_s = min(poll_s * 1.5, 0.002)  # reports land within ms of each other: poll tightly
         return reports, dead
 
     def _heartbeat_limit_s(self) -> float:
@@ -182,7 +187,8 @@ class RemoteExecutor:
     def admit(self, allocation: List[List[str]], rebuild: str) -> List[str]:
         """Let every ready replacement (or new node) into a new generation. Its stage state comes
         from a live replica; when none is alive, from ``rebuild`` (``init``: the seeded initial
-        parameters; ``checkfree``: the average of the neighbouring stages, CheckFree arXiv 2506.15461)."""
+        parameters; ``checkpoint``: the newest verified checkpoint; ``checkfree``: the average of the
+        neighbouring stages, CheckFree arXiv 2506.15461)."""
         ready = [n for n, inc in sorted(self.joining.items()) if self.control.has(f"ready/{n}/{inc}")]
         if not ready:
             return []
@@ -191,12 +197,15 @@ class RemoteExecutor:
         live = set(self.members)
         self.members = [n for n in self.nodes if n in live or n in ready]
         self.generation += 1
-        self.sync, self.rebuild = {}, {}
+        self.sync, self.rebuild, self.restore = {}, {}, {}
         for node in ready:
             stage = next(k for k, nodes in enumerate(allocation) if node in nodes)
             sources = [n for n in allocation[stage] if n in live]
             if sources:
                 self.sync[stage] = sources[0]
+            elif rebuild == "checkpoint" and self._verified_checkpoint() is not None:
+                self.restore[stage] = str(self._verified_checkpoint())
+                log.warning("stage %d lost every replica: %s restores it from %s", stage, node, self.restore[stage])
             elif rebuild == "checkfree":
                 self.rebuild[stage] = [next(n for n in allocation[k] if n in live)
                                        for k in (stage - 1, stage + 1)
@@ -206,6 +215,20 @@ class RemoteExecutor:
             else:
                 log.warning("stage %d lost every replica: %s restarts it from its initial parameters", stage, node)
         return ready
+
+    def _verified_checkpoint(self):
+        """The newest checkpoint of this run that verifies against its manifest and the ledger."""
+        from pathlib import Path
+
+        from skippipe.config import run_dir
+        from skippipe.verify.checkpoint import newest_verified_checkpoint
+        from skippipe.verify.ledger import read_ledger
+
+        out = run_dir(self.cfg)
+        if not (out / "ledger" / "steps.jsonl").is_file():
+            return None
+        step, _ = newest_verified_checkpoint(out, read_ledger(out))
+        return None if step is None else Path(out) / "ckpt" / str(step)
 
     # -- end ------------------------------------------------------------------------------------
     def finish(self, out, checkpoint: Optional[dict] = None):

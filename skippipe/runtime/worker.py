@@ -152,6 +152,9 @@ class Worker:
             self._sync_stage(int(stage), source)
         for stage, sources in sorted((command.get("rebuild") or {}).items()):
             self._rebuild_stage(int(stage), sources, plan)
+        restore = (command.get("restore") or {}).get(str(self.stage_id))
+        if restore:  # this stage lost every replica: load it from a verified checkpoint
+            self.load_checkpoint(restore)
 
     def _init_groups(self, plan: Plan, members: List[str], generation: int) -> None:
         """Process-group objects of this generation (the world, and one per stage with replicas).

@@ -1,0 +1,125 @@
+"""Fault-tolerance benchmark (issue: Ray launcher and live fault tolerance).
+
+Runs the local launcher on the tiny config and measures, side by side in one invocation:
+
+1. Recovery: a worker is killed (``fault.kill``: its process exits at the start of a step, like
+   ``kill -9``): time to detect, time to rebuild (new generation + plan), and time from the failed
+   step's start to the redone step's completion; and "no loss": same step count and the same set of
+   microbatch ids per step as a run without the failure, with the final losses of both.
+2. Slow node: one node 5x slower (``fault.slow_nodes``); median iteration time with rerouting against
+   a static plan that keeps using it (``fault.slow_threshold`` set out of reach).
+
+Prints a table and writes bench/results/fault_bench.json (machine, configs, numbers).
+
+    python bench/fault_bench.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from skippipe.cli import main  # noqa: E402
+from skippipe.config import load_config  # noqa: E402
+from skippipe.model.presets import resolve_model_spec  # noqa: E402
+from skippipe.planner import Planner  # noqa: E402
+
+COMMON = ["tracking.progress=false", "tracking.wandb.mode=disabled", "launcher=local", "verify.level=off"]
+
+
+def lines(run: Path, name: str):
+    return [json.loads(x) for x in (run / name).read_text().splitlines() if x.strip()]
+
+
+def train(run: Path, overrides):
+    code = main(["train", str(REPO / "configs" / "tiny.yaml"), *COMMON, *overrides, f"run.dir={run}"])
+    if code != 0:
+        raise SystemExit(f"training failed ({code}) for {run}")
+    return lines(run, "metrics.jsonl"), lines(run, "routes.jsonl")
+
+
+def stage_node(overrides, stage: int) -> str:
+    cfg = load_config(str(REPO / "configs" / "tiny.yaml"), [*COMMON, *overrides])
+    return Planner(cfg, resolve_model_spec(cfg.model, vocab_size=256)).allocation[stage][0]
+
+
+def recovery(tmp: Path, steps: int, kill_step: int) -> dict:
+    base = [f"train.steps={steps}"]
+    victim = stage_node(base, 1)
+    clean_m, clean_r = train(tmp / "clean", base)
+    kill_m, kill_r = train(tmp / "kill", [*base, f"fault.kill.step={kill_step}", f"fault.kill.node={victim}"])
+    failed = next(m for m in kill_m if m.get("step") == kill_step and "fault/detect_s" in m)
+    ids = lambda routes: [sorted(mb["id"] for mb in r["plan"]["microbatches"]) for r in routes]  # noqa: E731
+    steps_of = lambda metrics: [m["step"] for m in metrics if "loss/val" not in m]  # noqa: E731
+    return {"victim": victim, "kill_step": kill_step,
+            "detect_s": failed["fault/detect_s"], "rebuild_s": failed["fault/rebuild_s"],
+            "first_step_done_s": failed["fault/recovered_s"],
+            "same_steps": steps_of(clean_m) == steps_of(kill_m), "same_microbatch_ids": ids(clean_r) == ids(kill_r),
+            "final_train_loss_clean": clean_m[-1]["loss/train"], "final_train_loss_kill": kill_m[-1]["loss/train"],
+            "val_loss_clean": clean_m[-1]["loss/val"], "val_loss_kill": kill_m[-1]["loss/val"],
+            "generations": kill_m[-2]["cluster/generation"]}
+
+
+def slow_node(tmp: Path, steps: int, warmup: int, factor: float) -> dict:
+    # one cluster without link emulation (compute, not links, decides), memory 4: TC1 leaves room
+    base = [f"train.steps={steps}", "schedule.memory=4", "topology.file=null", "topology.generate.count=6",
+            "topology.generate.placement=single", "cost.emulate_links=false"]
+    slow = stage_node(base, 1)
+    results = {}
+    for name, extra in (("rerouting", []), ("static", ["fault.slow_threshold=1000000"])):
+        metrics, routes = train(tmp / name, [*base, f"fault.slow_nodes.{slow}={factor}", *extra])
+        iters = [m["time/iter_s"] for m in metrics if "time/iter_s" in m][warmup:]
+        visits = [sum(slow in mb["path"] for mb in r["plan"]["microbatches"]) for r in routes]
+        results[name] = {"median_iter_s": statistics.median(iters), "visits_first": visits[0], "visits_last": visits[-1]}
+    results["slow_node"], results["factor"] = slow, factor
+    results["reduction"] = 1 - results["rerouting"]["median_iter_s"] / results["static"]["median_iter_s"]
+    return results
+
+
+def main_bench() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer steps (a smoke run)")
+    args = parser.parse_args()
+    steps = 8 if args.quick else 30
+    with tempfile.TemporaryDirectory() as tmp:
+        rec = recovery(Path(tmp), steps, kill_step=3 if args.quick else 10)
+        slow = slow_node(Path(tmp), steps, warmup=4 if args.quick else 8, factor=5.0)
+    rows = [
+        ("time to detect the killed worker", f"{rec['detect_s']:.2f} s", "-"),
+        ("time to rebuild (generation + plan)", f"{rec['rebuild_s']:.2f} s", "-"),
+        ("failed step start -> redone step done", f"{rec['first_step_done_s']:.2f} s", "< 10 s"),
+        ("same steps / microbatch ids as clean run", f"{rec['same_steps']} / {rec['same_microbatch_ids']}", "True / True"),
+        ("final train loss clean / with kill", f"{rec['final_train_loss_clean']:.4f} / {rec['final_train_loss_kill']:.4f}", "-"),
+        ("val loss clean / with kill", f"{rec['val_loss_clean']:.4f} / {rec['val_loss_kill']:.4f}", "-"),
+        ("slow node: median iter static plan", f"{slow['static']['median_iter_s']:.3f} s", "-"),
+        ("slow node: median iter rerouting", f"{slow['rerouting']['median_iter_s']:.3f} s", "-"),
+        ("slow node: reduction from rerouting", f"{100 * slow['reduction']:.1f}%", ">= 30%"),
+        ("slow node: visits first -> last plan", f"{slow['rerouting']['visits_first']} -> {slow['rerouting']['visits_last']}", "fewer"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    print(f"{'measure':<{width}}  {'value':>22}  target")
+    for name, value, target in rows:
+        print(f"{name:<{width}}  {value:>22}  {target}")
+    out = REPO / "bench" / "results" / "fault_bench.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": {"python": platform.python_version(), "platform": platform.platform(),
+                                           "cpus": os.cpu_count()},
+                               "config": {"file": "configs/tiny.yaml", "steps": steps, "launcher": "local",
+                                          "quick": args.quick},
+                               "recovery": rec, "slow_node": slow}, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main_bench()
