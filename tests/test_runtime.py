@@ -80,28 +80,31 @@ def test_killed_worker_is_routed_around_and_step_redone(tmp_path):
 
 
 def _link_pair(rank, port, result_path):
+    from datetime import timedelta
+
     import torch.distributed as dist
 
     from skippipe.runtime.transport import ACT, LinkModel, Transport
 
     store = dist.TCPStore("127.0.0.1", port, world_size=2, is_master=rank == 0)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=2)
+    pg = dist.ProcessGroupGloo(store, rank, 2, timedelta(seconds=20))
     links = LinkModel(latency_s=lambda a, b: 0.3, bandwidth_bytes_per_s=lambda a, b: 1e6)  # 1 MB/s
-    transport = Transport({"a": 0, "b": 1}, "ab"[rank], torch.device("cpu"), 20.0, links)
+    transport = Transport(pg, {"a": 0, "b": 1}, "ab"[rank], torch.device("cpu"), 20.0, links)
     payload = torch.ones(2, 50_000)  # 400 kB -> 0.4 s on the wire
     if rank == 0:
         sent = time.time()
         transport.send(payload, "b", step=0, microbatch_id=7, kind=ACT)
         transport.flush()
         Path(result_path).write_text(json.dumps({"sent": sent}))
-        dist.barrier()
+        store.set("written", "1")
+        store.wait(["read"])
     else:
         got = transport.recv("a", step=0, microbatch_id=7, kind=ACT, shape=(2, 50_000), dtype=torch.float32)
         received = time.time()
-        dist.barrier()
+        store.wait(["written"])
         sent = json.loads(Path(result_path).read_text())["sent"]
+        store.set("read", "1")
         Path(result_path).write_text(json.dumps({"elapsed": received - sent, "ok": bool(torch.equal(got, payload))}))
-    dist.destroy_process_group()
 
 
 def test_link_emulator_delays_by_latency_plus_bandwidth(tmp_path):
