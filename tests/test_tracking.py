@@ -3,6 +3,7 @@
 
 import json
 import math
+import re
 import struct
 from pathlib import Path
 
@@ -93,7 +94,8 @@ def test_metrics_jsonl_has_every_name(offline_run):
         assert m["route/reroutes"] == 0 and m["cluster/generation"] == 0
         assert m["time/predicted_iter_s"] > 0 and m["throughput/tokens_per_s"] > 0
         assert isinstance(m["route/collisions"], int) and m["route/collisions"] >= 0
-        assert "verify/chain" not in m  # no ledger yet
+        # the ledger's chain head (in-process runs record each step at once)
+        assert re.fullmatch(r"[0-9a-f]{12}", m["verify/chain"])
     assert final["step"] == 3 and final["ppl/val"] == pytest.approx(math.exp(final["loss/val"]))
     assert final["loss/train"] == steps[-1]["loss/train"] and final["route/reroutes"] == 0
 
@@ -134,7 +136,8 @@ def test_disabled_writes_nothing(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no ./wandb beside the run
     assert not (run / "wandb").exists()
     assert not list(run.rglob("*.wandb"))
-    assert {p.name for p in run.iterdir()} == {"config.yaml", "metrics.jsonl", "routes.jsonl", "final", "plots"}
+    assert {p.name for p in run.iterdir()} == {"config.yaml", "metrics.jsonl", "routes.jsonl", "final", "plots",
+                                               "ledger"}  # wandb disabled: no wandb/ directory
 
 
 def test_wandb_mode_auto(monkeypatch):
@@ -173,7 +176,8 @@ def test_progress_and_summary_table(offline_run, caplog):
                  "abcdef012345"):
         assert text in table
     assert "abcdef0123456" not in table  # the chain head is shortened
-    assert "n/a (no ledger)" in summary_table(lines[-1])
+    assert "n/a (no ledger)" in summary_table({k: v for k, v in lines[-1].items() if k != "verify/chain"})
+    assert lines[-1]["verify/chain"][:12] in summary_table(lines[-1])
 
 
 def test_cluster_stats_follow_dead_nodes_and_slowdown():

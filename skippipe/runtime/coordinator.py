@@ -170,7 +170,9 @@ class Predictor:
 
         return simulate(plan, planner.cost).makespan_s + self.overhead_s
 
-    def observe(self, planner, outcome: StepOutcome, plan: Plan, iter_s: float) -> None:
+    def observe(self, planner, outcome: StepOutcome, plan: Plan, iter_s: float, warm: bool = True) -> None:
+        if not warm:  # setup and cold caches would bias the smoothed costs for many steps
+            return
         observe_measurements(planner, outcome, plan)
         reports = [r for r in outcome.node_reports.values() if "step_s" in r]
         if not reports:
@@ -276,6 +278,7 @@ class Coordinator:
         monitor = self.monitor = FaultMonitor(cfg, planner.topology.names())
         recorder = self.recorder
         self.predictor = Predictor()
+        generation = 0
         checkpoint = None  # a checkpoint of the last step's state, written with the next command
         for step in range(self.first_step, cfg.train.steps):
             t0 = time.perf_counter()
@@ -288,7 +291,10 @@ class Coordinator:
             step_tokens = len(plan.microbatches) * samples * spec.seq_len
             tokens += step_tokens
             predicted = self.predictor.predict(planner, plan)  # from what was measured before this step
-            self.predictor.observe(planner, outcome, plan, iter_s)
+            # the first step of a run or generation also pays process-group setup and cold caches
+            warm = step > self.first_step and monitor.generation == generation
+            generation = monitor.generation
+            self.predictor.observe(planner, outcome, plan, iter_s, warm)
             monitor.after_step(planner, outcome, plan)
             record = {"step": step, "loss/train": outcome.loss, "lr": lr, "grad_norm": outcome.grad_norm,
                       "time/iter_s": iter_s, "time/predicted_iter_s": predicted,
