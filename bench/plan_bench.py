@@ -22,9 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from skippipe.commands.plan import compare_methods, summary  # noqa: E402
 from skippipe.config import METHODS, load_config, to_dict  # noqa: E402
-from skippipe.schedule import allocate, build_cost, route  # noqa: E402
-from skippipe.simulate import simulate  # noqa: E402
 
 SCALE = [(20, 6, 0.33), (50, 8, 0.25), (100, 8, 0.25), (200, 8, 0.25), (500, 16, 0.25), (1000, 16, 0.25)]
 SHORT = {"full": "full", "random_skip": "random", "skippipe_nc": "nc", "skippipe": "skippipe"}
@@ -37,26 +36,16 @@ def scale_overrides(nodes: int, stages: int, skip: float):
 
 
 def run_case(name, path, overrides):
+    """One row: the same allocation + routing + simulation as `skippipe plan --json`."""
     cfg = load_config(path, overrides)
-    topology, _, cost = build_cost(cfg)
-    t0 = time.perf_counter()
-    allocation = allocate(topology, cost, cfg)
-    alloc_s = time.perf_counter() - t0
-    methods = {}
-    for method in METHODS:
-        t1 = time.perf_counter()
-        plan = route(allocation, topology, cost, cfg, method=method)
-        route_s = time.perf_counter() - t1
-        timeline = simulate(plan, cost, cfg.schedule.memory)
-        methods[method] = {"iteration_time_s": timeline.makespan_s, "route_time_s": route_s,
-                           "collisions": timeline.collisions, "mean_idle_fraction": timeline.mean_idle_fraction(),
-                           "stages_visited": plan.stages_visited, "microbatches": len(plan.microbatches),
-                           "extra": {k: v for k, v in plan.extra.items() if isinstance(v, (int, float, bool))}}
-    full_s = methods["full"]["iteration_time_s"]
-    for row in methods.values():
-        row["reduction_vs_full"] = 1.0 - row["iteration_time_s"] / full_s if full_s > 0 else 0.0
+    results = compare_methods(cfg)
+    methods = summary(results)
+    for method, (plan, _, _) in results.items():
+        methods[method]["extra"] = {k: v for k, v in plan.extra.items() if isinstance(v, (int, float, bool))}
+    alloc_s = methods["full"]["allocation_time_s"]
+    allocation = results["full"][0].allocation
     plan_s = alloc_s + sum(m["route_time_s"] for m in methods.values())
-    row = {"case": name, "nodes": len(topology.nodes), "stages": len(allocation),
+    row = {"case": name, "nodes": sum(len(nodes) for nodes in allocation), "stages": len(allocation),
            "microbatches": methods["skippipe"]["microbatches"], "allocation_time_s": alloc_s,
            "plan_time_total_s": plan_s, "methods": methods, "config": to_dict(cfg)}
     print(f"{name:<10} {row['nodes']:>5} " + " ".join(f"{methods[m]['iteration_time_s']:>9.1f}" for m in METHODS)

@@ -212,3 +212,15 @@ class Stopwatch:
 
         dist.barrier()
         self.iter_s.append(time.perf_counter() - self._t0)
+
+
+def launch_and_report(run_rank, world_size: int, args) -> int:
+    """Spawn one process per stage running ``run_rank``, then print the result ``args.out`` holds;
+    exit status 1 if any loss is not finite."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(run_rank, args=(world_size, free_port(), args), nprocs=world_size, start_method="spawn")
+    result = json.loads(Path(args.out).read_text())
+    print(f"{result['system']}: median {result['median_s']:.4f} s/iter over {result['n']} iterations, "
+          f"last loss {result['losses'][-1]:.4f}, peak RSS per rank {[round(m) for m in result['peak_rss_mb']]} MB")
+    return 0 if all(math.isfinite(v) for v in result["losses"]) else 1

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import sys
 from pathlib import Path
@@ -103,7 +102,6 @@ def main(argv=None) -> int:
         import deepspeed  # noqa: F401
     except ImportError:
         raise SystemExit("deepspeed_pipe: DeepSpeed is not installed; DS_BUILD_OPS=0 pip install -e '.[deepspeed]'") from None
-    import torch.multiprocessing as mp
 
     from skippipe.config import num_stages
 
@@ -111,15 +109,7 @@ def main(argv=None) -> int:
     world_size = num_stages(cfg)
     if list(cfg.schedule.partition_sizes) not in ([], [1] * world_size) or world_size < 2:
         raise SystemExit("deepspeed_pipe: needs >= 2 stages with one replica each")
-    mp.start_processes(run_rank, args=(world_size, common.free_port(), args), nprocs=world_size,
-                       start_method="spawn")
-    import json
-
-    result = json.loads(Path(args.out).read_text())
-    print(f"{result['system']}: median {result['median_s']:.4f} s/iter over {result['n']} iterations, "
-          f"last loss {result['losses'][-1]:.4f}, peak RSS per rank {[round(m) for m in result['peak_rss_mb']]} MB")
-    return 0 if all(math.isfinite(v) for v in result["losses"]) else 1
-
+    return common.launch_and_report(run_rank, world_size, args)
 
 if __name__ == "__main__":
     raise SystemExit(main())

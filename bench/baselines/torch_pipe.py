@@ -13,7 +13,6 @@ iteration bracketed by barriers), the loss per iteration and every rank's peak R
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from pathlib import Path
@@ -87,7 +86,6 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import torch.multiprocessing as mp
 
     cfg, _, _ = common.load_setup(args.overrides)  # fail fast on a bad override, and warm the data cache
     from skippipe.config import num_stages
@@ -97,15 +95,7 @@ def main(argv=None) -> int:
         raise SystemExit("torch_pipe: one replica per stage only; drop schedule.partition_sizes or make it all 1")
     if world_size < 2:
         raise SystemExit("torch_pipe: needs schedule.num_stages >= 2")
-    mp.start_processes(run_rank, args=(world_size, common.free_port(), args), nprocs=world_size,
-                       start_method="spawn")
-    import json
-
-    result = json.loads(Path(args.out).read_text())
-    print(f"{result['system']}: median {result['median_s']:.4f} s/iter over {result['n']} iterations, "
-          f"last loss {result['losses'][-1]:.4f}, peak RSS per rank {[round(m) for m in result['peak_rss_mb']]} MB")
-    return 0 if all(math.isfinite(v) for v in result["losses"]) else 1
-
+    return common.launch_and_report(run_rank, world_size, args)
 
 if __name__ == "__main__":
     raise SystemExit(main())
