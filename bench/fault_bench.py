@@ -6,8 +6,9 @@ Runs the local launcher on the tiny config and measures, side by side in one inv
    ``kill -9``): time to detect, time to rebuild (new generation + plan), and time from the failed
    step's start to the redone step's completion; and "no loss": same step count and the same set of
    microbatch ids per step as a run without the failure, with the final losses of both.
-2. Slow node: one node 5x slower (``fault.slow_nodes``); median iteration time with rerouting against
-   a static plan that keeps using it (``fault.slow_threshold`` set out of reach).
+2. Slow node: one node 5x slower (``fault.slow_nodes``), a stage-1 replica and then an originator
+   (stage 0); median iteration time with rerouting against a static plan that keeps using it
+   (``fault.slow_threshold`` set out of reach).
 
 Prints a table and writes bench/results/fault_bench.json (machine, configs, numbers).
 
@@ -71,18 +72,23 @@ def recovery(tmp: Path, steps: int, kill_step: int) -> dict:
             "generations": kill_m[-2]["cluster/generation"]}
 
 
-def slow_node(tmp: Path, steps: int, warmup: int, factor: float) -> dict:
+def slow_node(tmp: Path, steps: int, warmup: int, factor: float, stage: int) -> dict:
+    """One node of ``stage`` ``factor`` times slower; with stage 0 it is an originator, and its
+    share of the microbatches it starts is what rerouting lowers."""
     # one cluster without link emulation (compute, not links, decides), memory 4: TC1 leaves room
     base = [f"train.steps={steps}", "schedule.memory=4", "topology.file=null", "topology.generate.count=6",
             "topology.generate.placement=single", "cost.emulate_links=false"]
-    slow = stage_node(base, 1)
+    slow = stage_node(base, stage)
     results = {}
     for name, extra in (("rerouting", []), ("static", ["fault.slow_threshold=1000000"])):
-        metrics, routes = train(tmp / name, [*base, f"fault.slow_nodes.{slow}={factor}", *extra])
+        metrics, routes = train(tmp / f"slow{stage}-{name}", [*base, f"fault.slow_nodes.{slow}={factor}", *extra])
         iters = [m["time/iter_s"] for m in metrics if "time/iter_s" in m][warmup:]
-        visits = [sum(slow in mb["path"] for mb in r["plan"]["microbatches"]) for r in routes]
+        if stage == 0:
+            visits = [sum(mb["originator"] == slow for mb in r["plan"]["microbatches"]) for r in routes]
+        else:
+            visits = [sum(slow in mb["path"] for mb in r["plan"]["microbatches"]) for r in routes]
         results[name] = {"median_iter_s": statistics.median(iters), "visits_first": visits[0], "visits_last": visits[-1]}
-    results["slow_node"], results["factor"] = slow, factor
+    results["slow_node"], results["stage"], results["factor"] = slow, stage, factor
     results["reduction"] = 1 - results["rerouting"]["median_iter_s"] / results["static"]["median_iter_s"]
     return results
 
@@ -94,7 +100,8 @@ def main_bench() -> None:
     steps = 8 if args.quick else 30
     with tempfile.TemporaryDirectory() as tmp:
         rec = recovery(Path(tmp), steps, kill_step=3 if args.quick else 10)
-        slow = slow_node(Path(tmp), steps, warmup=4 if args.quick else 8, factor=5.0)
+        slow = slow_node(Path(tmp), steps, warmup=4 if args.quick else 8, factor=5.0, stage=1)
+        slow0 = slow_node(Path(tmp), steps, warmup=4 if args.quick else 8, factor=5.0, stage=0)
     rows = [
         ("time to detect the killed worker", f"{rec['detect_s']:.2f} s", "-"),
         ("time to rebuild (generation + plan)", f"{rec['rebuild_s']:.2f} s", "-"),
@@ -106,6 +113,11 @@ def main_bench() -> None:
         ("slow node: median iter rerouting", f"{slow['rerouting']['median_iter_s']:.3f} s", "-"),
         ("slow node: reduction from rerouting", f"{100 * slow['reduction']:.1f}%", ">= 30%"),
         ("slow node: visits first -> last plan", f"{slow['rerouting']['visits_first']} -> {slow['rerouting']['visits_last']}", "fewer"),
+        ("slow originator: median iter static plan", f"{slow0['static']['median_iter_s']:.3f} s", "-"),
+        ("slow originator: median iter rerouting", f"{slow0['rerouting']['median_iter_s']:.3f} s", "-"),
+        ("slow originator: reduction from rerouting", f"{100 * slow0['reduction']:.1f}%", ">= 30%"),
+        ("slow originator: started first -> last plan",
+         f"{slow0['rerouting']['visits_first']} -> {slow0['rerouting']['visits_last']}", "fewer"),
     ]
     width = max(len(r[0]) for r in rows)
     print(f"{'measure':<{width}}  {'value':>22}  target")
@@ -117,7 +129,7 @@ def main_bench() -> None:
                                            "cpus": os.cpu_count()},
                                "config": {"file": "configs/tiny.yaml", "steps": steps, "launcher": "local",
                                           "quick": args.quick},
-                               "recovery": rec, "slow_node": slow}, indent=1))
+                               "recovery": rec, "slow_node": slow, "slow_originator": slow0}, indent=1))
     print(f"wrote {out}")
 
 

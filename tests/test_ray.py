@@ -121,11 +121,17 @@ def test_slow_node_receives_fewer_microbatches(ray_cluster, tmp_path):
               "topology.generate.count=6", "topology.generate.placement=single"]
     allocation = allocation_of(config(tmp_path, *common))
     slow = allocation[1][0]  # a replica of stage 1
-    cfg = config(tmp_path, *common, f"fault.slow_nodes.{slow}=8.0")
+    originator = allocation[0][0]  # and a stage-0 node: it should start fewer microbatches
+    cfg = config(tmp_path, *common, f"fault.slow_nodes.{slow}=8.0", f"fault.slow_nodes.{originator}=8.0")
     train_ray(cfg)
     visits = [sum(slow in mb["path"] for mb in r["plan"]["microbatches"]) for r in routes(tmp_path)]
     assert visits[-1] < visits[0], visits
-    assert metrics(tmp_path)[-2][f"node/{slow}/slowdown"] > 2.0
+    started = [sum(mb["originator"] == originator for mb in r["plan"]["microbatches"]) for r in routes(tmp_path)]
+    assert started[-1] < started[0], started
+    ids = [sorted(mb["id"] for mb in r["plan"]["microbatches"]) for r in routes(tmp_path)]
+    assert all(i == ids[0] for i in ids)  # the same microbatches every step, only shared differently
+    for node in (slow, originator):
+        assert metrics(tmp_path)[-2][f"node/{node}/slowdown"] > 2.0
 
 
 @pytest.mark.slow

@@ -195,6 +195,43 @@ def test_slow_node_gets_less_work(geo):
     assert after < before or before == 0
 
 
+@pytest.mark.parametrize("method", ["full", "random_skip", "skippipe_nc", "skippipe"])
+def test_slow_originator_starts_fewer_microbatches(geo, method):
+    cfg, topology, cost, allocation, plans = geo
+    slow = allocation[0][0]
+    even = route(allocation, topology, cost, cfg, method=method)
+    ids = sorted(mb.id for mb in even.microbatches)
+    for factor, most in ((5.0, None), (1000.0, 0)):
+        plan = route(allocation, topology, cost, cfg, state=LiveState(slowdown={slow: factor}), method=method)
+        check_plan(plan, PathRules.from_config(cfg.schedule))
+        assert sorted(mb.id for mb in plan.microbatches) == ids  # same microbatches, other originators
+        started = sum(mb.originator == slow for mb in plan.microbatches)
+        assert started < sum(mb.originator == slow for mb in even.microbatches)
+        if most is not None:
+            assert started == most
+        simulate(plan, cost, cfg.schedule.memory)  # executable: every originator, even one with none
+
+
+def test_measured_slow_originator_starts_fewer_microbatches(geo):
+    cfg, _, _, allocation, _ = geo
+    topology, _, cost = build_cost(cfg)  # a fresh model: measurements change it
+    slow = allocation[0][-1]
+    for phase in ("F", "L", "B"):  # as the coordinator folds in measured times
+        cost.observe_compute(slow, 0, phase, 5.0 * cost.compute_s(slow, 0, phase))
+    plan = route(allocation, topology, cost, cfg, method="skippipe")
+    per_originator = {o: sum(mb.originator == o for mb in plan.microbatches) for o in allocation[0]}
+    assert per_originator[slow] < min(c for o, c in per_originator.items() if o != slow), per_originator
+
+
+def test_fixed_microbatch_count_is_shared_by_more_originators(geo):
+    cfg, topology, cost, allocation, _ = geo
+    total = len(allocation[0]) * cfg.schedule.microbatches_per_originator
+    grown = [allocation[0] + [allocation[1][0]], *[[n for n in s if n != allocation[1][0]] for s in allocation[1:]]]
+    plan = route(grown, topology, cost, cfg, state=LiveState(microbatches=total), method="skippipe")
+    assert sorted(mb.id for mb in plan.microbatches) == list(range(total))
+    assert {mb.originator for mb in plan.microbatches} == set(grown[0])
+
+
 def test_plan_json_round_trip(geo, tmp_path):
     _, _, cost, _, plans = geo
     path = tmp_path / "plan.json"

@@ -59,10 +59,13 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class LiveState:
-    """What the coordinator knows now: dead nodes and measured slowness (compute time factor)."""
+    """What the coordinator knows now: dead nodes, measured slowness (compute time factor) and, once
+    membership has changed, the iteration's microbatch count fixed at the start of the run (nodes
+    that join stage 0 later share the same microbatches; they do not grow the batch)."""
 
     dead: Set[str] = field(default_factory=set)
     slowdown: Dict[str, float] = field(default_factory=dict)
+    microbatches: Optional[int] = None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -233,22 +236,39 @@ class _Problem:
         return total + 2 * self.transfer(prev, orig)
 
 
-def _microbatches(num_originators: int, live_originators: List[str], mpo: int, memory: int):
-    """(id, originator, wave) for the iteration's microbatches.
+def _microbatches(total: int, live_originators: List[str], memory: int, times: Optional[List[float]] = None):
+    """(id, originator, wave) for the iteration's ``total`` microbatches.
 
     The count is fixed by the allocation (every stage-0 node x ``microbatches_per_originator``), not
     by how many originators are alive: after a failure the same ids are spread over the live
-    originators, so each step trains the same microbatches as a run without the failure. Ids stay
-    originator-major (contiguous blocks), and the wave is the position inside an originator's block
-    divided by ``memory``.
+    originators, so each step trains the same microbatches as a run without the failure.
+
+    The shares follow the originators' speed (``times``: each one's stage-0 time per microbatch, as
+    measured or modelled): microbatch by microbatch, the next goes to the originator that would then
+    finish its share first (``(count + 1) x time``, ties to the earlier one). So a 5x slower
+    originator starts about a fifth as many, one slow enough starts none (its stage-0 replica still
+    takes part in the stage's gradient reduction), and equal times give the even split. Ids stay
+    originator-major (contiguous blocks); the wave is the position in an originator's block divided
+    by ``memory``.
     """
-    total = num_originators * mpo
-    count = len(live_originators)
-    out = []
-    for i, orig in enumerate(live_originators):
-        block = range(i * total // count, (i + 1) * total // count)
-        out.extend((mb_id, orig, j // memory) for j, mb_id in enumerate(block))
+    n = len(live_originators)
+    if times is None or max(times) <= min(times) * (1 + 1e-9):
+        counts = [(i + 1) * total // n - i * total // n for i in range(n)]
+    else:
+        counts = [0] * n
+        for _ in range(total):
+            best = min(range(n), key=lambda i: ((counts[i] + 1) * times[i], i))
+            counts[best] += 1
+    out, start = [], 0
+    for orig, count in zip(live_originators, counts):
+        out.extend((mb_id, orig, j // memory) for j, mb_id in enumerate(range(start, start + count)))
+        start += count
     return out
+
+
+def _originator_times(originators: List[str], cost, slow: Dict[str, float]) -> List[float]:
+    """Each originator's stage-0 time per microbatch: forward, loss and backward."""
+    return [sum(cost.compute_s(o, 0, phase) for phase in ("F", "L", "B")) * slow.get(o, 1.0) for o in originators]
 
 
 def _problem(allocation, cost, cfg, state: LiveState, method: str) -> _Problem:
@@ -262,11 +282,12 @@ def _problem(allocation, cost, cfg, state: LiveState, method: str) -> _Problem:
         visited = 1 + live_nonzero
     else:
         visited = min(stages_visited_of(num_stages, cfg.schedule.skip_ratio), 1 + live_nonzero)
-    mpo, memory = cfg.schedule.microbatches_per_originator, cfg.schedule.memory
-    mbs = _microbatches(len(allocation[0]), live[0], mpo, memory)
+    total = state.microbatches or len(allocation[0]) * cfg.schedule.microbatches_per_originator
+    times = _originator_times(live[0], cost, state.slowdown)
+    mbs = _microbatches(total, live[0], cfg.schedule.memory, times)
     rules = PathRules.from_config(cfg.schedule)
     stage_of = {n: k for k, nodes in enumerate(live) for n in nodes}
-    return _Problem(live, list(live[0]), mbs, visited, rules, memory, dict(state.slowdown), cost, stage_of)
+    return _Problem(live, list(live[0]), mbs, visited, rules, cfg.schedule.memory, dict(state.slowdown), cost, stage_of)
 
 
 def _capacity(prob: _Problem) -> _Capacity:
