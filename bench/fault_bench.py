@@ -1,6 +1,7 @@
 """Fault-tolerance benchmark (issue: Ray launcher and live fault tolerance).
 
-Runs the local launcher on the tiny config and measures, side by side in one invocation:
+Runs the tiny config (parts 1 and 2 on the local launcher, 3 on a local Ray cluster) and measures,
+side by side in one invocation:
 
 1. Recovery: a worker is killed (``fault.kill``: its process exits at the start of a step, like
    ``kill -9``): time to detect, time to rebuild (new generation + plan), and time from the failed
@@ -9,6 +10,8 @@ Runs the local launcher on the tiny config and measures, side by side in one inv
 2. Slow node: one node 5x slower (``fault.slow_nodes``), a stage-1 replica and then an originator
    (stage 0); median iteration time with rerouting against a static plan that keeps using it
    (``fault.slow_threshold`` set out of reach).
+3. Join: on a local Ray cluster, a node that is not in the topology is added to the running job
+   (``skippipe join``'s code path): time to be accepted and to join, and the work it then takes.
 
 Prints a table and writes bench/results/fault_bench.json (machine, configs, numbers).
 
@@ -93,6 +96,62 @@ def slow_node(tmp: Path, steps: int, warmup: int, factor: float, stage: int) -> 
     return results
 
 
+def join(tmp: Path, steps: int) -> dict:
+    """A node that is not in the topology joins a running Ray job (``skippipe join``'s code path)
+    after step 1: seconds from the request to its acceptance and to its first step, the step it
+    joined at, that step's iteration time against the median, and the microbatches it then carried."""
+    import threading
+    import time
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    from skippipe.runtime.join import node_spec, submit_join, wait_join
+    from skippipe.runtime.launch_ray import train_ray
+
+    run = tmp / "join"
+    cfg = load_config(str(REPO / "configs" / "tiny.yaml"),
+                      [*COMMON, "launcher=ray", "ray.num_cpus_per_worker=0.25", f"train.steps={steps}",
+                       "run.name=bench_join", f"run.dir={run}", "topology.file=null", "topology.generate.count=6",
+                       "topology.generate.placement=single", "cost.emulate_links=false"])
+    ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    errors = []
+    thread = threading.Thread(target=lambda: _run_or_record(train_ray, cfg, errors))
+    thread.start()
+    try:
+        while thread.is_alive() and not ((run / "metrics.jsonl").is_file() and len(lines(run, "metrics.jsonl")) >= 2):
+            time.sleep(0.05)
+        asked = time.time()
+        request = submit_join("bench_join", node_spec("n6", "local"))
+        accepted = wait_join(request, "accepted")
+        accepted_s = time.time() - asked
+        status = wait_join(request, "joined")
+        joined_s = time.time() - asked
+    finally:
+        thread.join()
+        ray.shutdown()
+    if errors:
+        raise SystemExit(f"the Ray run failed: {errors[0]}")
+    metrics = [m for m in lines(run, "metrics.jsonl") if "time/iter_s" in m]
+    routes = lines(run, "routes.jsonl")
+    at = status["step"]
+    after = [r for r in routes if r["step"] >= at]
+    return {"asked_after_step": accepted["step"], "joined_at_step": at, "stage": status["stage"],
+            "request_to_accepted_s": accepted_s, "request_to_joined_s": joined_s,
+            "join_step_iter_s": metrics[at]["time/iter_s"],
+            "median_iter_s": statistics.median(m["time/iter_s"] for m in metrics[1:]),
+            "microbatches_through_new_node": sum("n6" in mb["path"] or mb["originator"] == "n6"
+                                                 for r in after for mb in r["plan"]["microbatches"]),
+            "steps_after_join": len(after)}
+
+
+def _run_or_record(fn, cfg, errors) -> None:
+    try:
+        fn(cfg)
+    except BaseException as err:  # reported by the caller
+        errors.append(err)
+
+
 def main_bench() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps (a smoke run)")
@@ -102,6 +161,7 @@ def main_bench() -> None:
         rec = recovery(Path(tmp), steps, kill_step=3 if args.quick else 10)
         slow = slow_node(Path(tmp), steps, warmup=4 if args.quick else 8, factor=5.0, stage=1)
         slow0 = slow_node(Path(tmp), steps, warmup=4 if args.quick else 8, factor=5.0, stage=0)
+        joined = join(Path(tmp), steps=30 if args.quick else 60)
     rows = [
         ("time to detect the killed worker", f"{rec['detect_s']:.2f} s", "-"),
         ("time to rebuild (generation + plan)", f"{rec['rebuild_s']:.2f} s", "-"),
@@ -118,6 +178,12 @@ def main_bench() -> None:
         ("slow originator: reduction from rerouting", f"{100 * slow0['reduction']:.1f}%", ">= 30%"),
         ("slow originator: started first -> last plan",
          f"{slow0['rerouting']['visits_first']} -> {slow0['rerouting']['visits_last']}", "fewer"),
+        ("join (Ray): request -> accepted / joined", f"{joined['request_to_accepted_s']:.2f} / "
+         f"{joined['request_to_joined_s']:.2f} s", "-"),
+        ("join (Ray): asked after step -> joined at", f"{joined['asked_after_step']} -> {joined['joined_at_step']}", "-"),
+        ("join (Ray): join step iter / median iter", f"{joined['join_step_iter_s']:.2f} / {joined['median_iter_s']:.2f} s", "-"),
+        ("join (Ray): microbatches via new node", f"{joined['microbatches_through_new_node']} in "
+         f"{joined['steps_after_join']} steps", "> 0"),
     ]
     width = max(len(r[0]) for r in rows)
     print(f"{'measure':<{width}}  {'value':>22}  target")
@@ -129,7 +195,8 @@ def main_bench() -> None:
                                            "cpus": os.cpu_count()},
                                "config": {"file": "configs/tiny.yaml", "steps": steps, "launcher": "local",
                                           "quick": args.quick},
-                               "recovery": rec, "slow_node": slow, "slow_originator": slow0}, indent=1))
+                               "recovery": rec, "slow_node": slow, "slow_originator": slow0,
+                               "join": joined}, indent=1))
     print(f"wrote {out}")
 
 

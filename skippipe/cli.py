@@ -21,6 +21,7 @@ COMMANDS = {
     "verify": "check a run's ledger and checkpoints, or compare two runs",
     "eval": "validation loss with the full model and with stages dropped",
     "plot": "draw a run's loss curves, Gantt charts and coverage",
+    "join": "add a node to a run training on a Ray cluster",
 }
 
 

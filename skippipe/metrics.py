@@ -283,8 +283,9 @@ def read_metrics(run_dir: Path) -> List[Dict[str, Any]]:
 def read_run_config(run_dir: Path, need_topology: bool = False):
     """The resolved config a run saved (``runs/<name>/config.yaml``).
 
-    Paths in it are relative to where the run was started; a topology file that is not found from
-    here is dropped unless ``need_topology`` (then the error says where to run from), and the replay
+    The topology is the run's own copy (``runs/<name>/topology.yaml``, which also holds the nodes
+    that joined the running job) when there is one. Otherwise paths are relative to where the run
+    was started; a topology file that is not found from here is dropped unless ``need_topology`` (then the error says where to run from), and the replay
     source is always dropped (a finished run does not need it).
     """
     from omegaconf import OmegaConf
@@ -302,6 +303,8 @@ def read_run_config(run_dir: Path, need_topology: bool = False):
         data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     except Exception as err:
         raise UserError(f"'{path}' is not valid YAML: {str(err).splitlines()[0]}") from None
+    if (run_dir / "topology.yaml").is_file():  # the run's own copy, with any nodes that joined it
+        data["topology"] = {**(data.get("topology") or {}), "file": str(run_dir / "topology.yaml")}
     topology_file = (data.get("topology") or {}).get("file")
     if topology_file and not Path(topology_file).is_file():
         if need_topology:

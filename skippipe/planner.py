@@ -28,12 +28,39 @@ class Planner:
         self.topology = load_topology(cfg)
         self.cost = CostModel.from_config(cfg, spec, self.topology)
         self.allocation = allocate(self.topology, self.cost, cfg)
-        self.state = LiveState()
+        # the batch is fixed at the start: nodes that join stage 0 later share the same microbatches
+        self.state = LiveState(microbatches=len(self.allocation[0]) * cfg.schedule.microbatches_per_originator)
         self.rules = PathRules.from_config(cfg.schedule)
         self.replay = read_routes(cfg.schedule.routes_from) if cfg.schedule.routes_from else None
         self._plan: Optional[Plan] = None
         self._planned_step = -1
         self.last_plan_s = 0.0
+
+    def add_node(self, node, stage: Optional[int] = None) -> int:
+        """Put a new node (a :class:`~skippipe.topology.Node` not in the topology) into the topology,
+        the cost model and the allocation; returns its stage. Without ``stage`` it takes the stage
+        with the fewest live replicas among those whose state fits its memory (ties: the lowest
+        stage above 0, then stage 0), so it first fills the holes that failures left. The caller
+        keeps it out of the plan (``state.dead``) until its worker is ready."""
+        grown = self.topology.with_node(node)
+        num_stages = len(self.allocation)
+        memory = self.cfg.schedule.memory
+        fits = [k for k in range(num_stages)
+                if self.cost.stage_memory_bytes(k, memory) <= node.memory_gb * 1e9]
+        if stage is None:
+            if not fits:
+                raise UserError(f"node '{node.name}': memory_gb={node.memory_gb} holds no stage; give it more memory")
+            live = lambda k: sum(1 for n in self.allocation[k] if n not in self.state.dead)  # noqa: E731
+            stage = min(fits, key=lambda k: (live(k), k == 0, k))
+        elif not 0 <= stage < num_stages:
+            raise UserError(f"node '{node.name}': stage {stage} does not exist; this run has stages 0..{num_stages - 1}")
+        elif stage not in fits:
+            raise UserError(f"node '{node.name}': stage {stage} needs more than memory_gb={node.memory_gb}")
+        self.topology = grown
+        self.cost.topology = grown  # keeps what was measured so far
+        self.allocation[stage].append(node.name)
+        self.invalidate()
+        return stage
 
     def invalidate(self) -> None:
         self._plan = None

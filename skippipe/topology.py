@@ -104,6 +104,26 @@ class Topology:
         np.fill_diagonal(bw, np.inf)
         return bw
 
+    def with_node(self, node: Node) -> "Topology":
+        """This topology with one more node (checked like any other)."""
+        return Topology(self.region_names, self.latency_ms, self.bandwidth_gbps, [*self.nodes, node],
+                        origin=f"node '{node.name}'")
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The topology YAML's shape (regions and explicit nodes); ``from_dict`` reads it back."""
+        return {"regions": {"names": list(self.region_names), "latency_ms": self.latency_ms.tolist(),
+                            "bandwidth_gbps": self.bandwidth_gbps.tolist()},
+                "nodes": [{"name": n.name, "region": n.region, "speed": n.speed, "memory_gb": n.memory_gb}
+                          for n in self.nodes]}
+
+    def save(self, path: Path) -> None:
+        """Write the topology YAML atomically (temp file, then rename)."""
+        import yaml
+
+        from skippipe.plan import write_text_atomic
+
+        write_text_atomic(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None))
+
     # -- construction ---------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: Any, origin: str = "topology", base_dir: Optional[Path] = None) -> "Topology":

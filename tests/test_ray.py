@@ -2,7 +2,9 @@
 
 import json
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -134,25 +136,107 @@ def test_slow_node_receives_fewer_microbatches(ray_cluster, tmp_path):
         assert metrics(tmp_path)[-2][f"node/{node}/slowdown"] > 2.0
 
 
+def train_in_thread(cfg):
+    result, errors = {}, []
+
+    def target():
+        try:
+            result["summary"] = train_ray(cfg)
+        except BaseException as err:  # surfaced by the caller
+            errors.append(err)
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    return thread, result, errors
+
+
+def wait_for_step(run, step, thread, timeout_s=240):
+    deadline = time.monotonic() + timeout_s
+    path = Path(run) / "metrics.jsonl"
+    while time.monotonic() < deadline and thread.is_alive():
+        if path.is_file() and any(json.loads(x).get("step", -1) >= step for x in path.read_text().splitlines()):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_new_node_joins_running_job(ray_cluster, tmp_path):
+    from skippipe.errors import UserError
+    from skippipe.runtime.join import node_spec, request_join
+
+    # one cluster: links do not decide, so an extra replica of the thinnest stage takes microbatches
+    cfg = config(tmp_path, "train.steps=40", "run.name=joinrun", "topology.file=null", "topology.generate.count=6",
+                 "topology.generate.placement=single")
+    allocation = allocation_of(cfg)
+    thread, _, errors = train_in_thread(cfg)
+    try:
+        assert wait_for_step(tmp_path, 1, thread)
+        with pytest.raises(UserError, match="unknown region"):
+            request_join("joinrun", node_spec("n9", "mars"), timeout_s=60)
+        with pytest.raises(UserError, match="already in the run"):
+            request_join("joinrun", node_spec("n1", "local"), timeout_s=60)
+        with pytest.raises(UserError, match="no run named"):
+            request_join("otherrun", node_spec("n9", "local"), timeout_s=60)
+        status = request_join("joinrun", node_spec("n6", "local"), timeout_s=180)
+    finally:
+        thread.join(timeout=300)
+    assert not errors, errors
+    assert status["status"] == "joined"
+    joined_at, stage = status["step"], status["stage"]
+    assert stage == min(range(1, len(allocation)), key=lambda k: (len(allocation[k]), k))  # fewest replicas
+    steps = [m for m in metrics(tmp_path) if "loss/val" not in m]
+    assert [m["step"] for m in steps] == list(range(40))
+    assert joined_at < 39, "the node must join while the run still trains"
+    assert "node/n6/alive" not in steps[0] and steps[-1]["node/n6/alive"] == 1
+    log = routes(tmp_path)
+    ids = [sorted(mb["id"] for mb in r["plan"]["microbatches"]) for r in log]
+    assert all(i == ids[0] for i in ids)  # the batch does not grow: same microbatches every step
+    after = [r for r in log if r["step"] >= joined_at]
+    assert all("n6" in r["plan"]["allocation"][stage] for r in after)
+    assert after[0]["generation"] == log[0]["generation"] + 1  # one generation change, at the join
+    visits = sum("n6" in mb["path"] for r in after for mb in r["plan"]["microbatches"])
+    assert visits > 0, "the new node must receive microbatches"
+    assert all("n6" not in r["plan"]["allocation"][stage] for r in log if r["step"] < joined_at - 1)
+    topology = (tmp_path / "topology.yaml").read_text()  # the run's copy now holds the new node
+    assert "n6" in topology and "local" in topology
+
+
 @pytest.mark.slow
 def test_ray_job_submit_end_to_end(tmp_path):
-    """`ray start --head` on 127.0.0.1, `ray job submit`, `ray stop` (its own cluster, not the fixture's)."""
+    """`ray start --head` on 127.0.0.1, `ray job submit`, `skippipe join` of a new node into the
+    running job, `ray stop` (its own cluster, not the fixture's)."""
     if ray.is_initialized():
         ray.shutdown()
     ray_bin = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
-    subprocess.run([ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", "--port=0", "--num-cpus=4",
-                    "--dashboard-host=127.0.0.1", "--dashboard-port=8265", "--include-dashboard=true"],
+    with socket.socket() as probe:  # a free port for the head's GCS: `skippipe join --address` needs it
+        probe.bind(("127.0.0.1", 0))
+        gcs = f"127.0.0.1:{probe.getsockname()[1]}"
+    subprocess.run([ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs.split(':')[1]}",
+                    "--num-cpus=4", "--dashboard-host=127.0.0.1", "--dashboard-port=8265", "--include-dashboard=true"],
                    env=env, check=True, capture_output=True, timeout=120)
     try:
         run = tmp_path / "job"
         cmd = [ray_bin, "job", "submit", "--address", "http://127.0.0.1:8265", "--working-dir", str(REPO),
                "--runtime-env", str(REPO / "launch" / "runtime_env.yaml"), "--",
                sys.executable, "launch/ray_job.py", "configs/tiny.yaml", *SMALL[:-2], "ray.num_cpus_per_worker=0.25",
-               "train.steps=2", f"run.dir={run}"]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        assert "succeeded" in (proc.stdout + proc.stderr).lower()
+               "train.steps=100", "run.name=submitted", f"run.dir={run}"]
+        job = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 300
+        while job.poll() is None and time.monotonic() < deadline:
+            if (run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").read_text().strip():
+                break
+            time.sleep(0.1)
+        joined = subprocess.run([sys.executable, "-m", "skippipe", "join", "submitted", "--node", "n6", "--region",
+                                 "eu", "--address", gcs, "--timeout", "240"],
+                                env=env, capture_output=True, text=True, timeout=300)
+        out, _ = job.communicate(timeout=600)
+        assert job.returncode == 0, out[-3000:]
+        assert "succeeded" in out.lower()
+        assert joined.returncode == 0, joined.stdout[-2000:] + joined.stderr[-2000:]
+        assert re.search(r"node n6 joined run submitted at step \d+", joined.stdout), joined.stdout
+        last = [m for m in metrics(run) if "loss/val" not in m][-1]
+        assert last["step"] == 99 and last["node/n6/alive"] == 1
         assert metrics(run)[-1]["loss/val"] > 0
     finally:
         subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)

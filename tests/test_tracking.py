@@ -136,8 +136,8 @@ def test_disabled_writes_nothing(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no ./wandb beside the run
     assert not (run / "wandb").exists()
     assert not list(run.rglob("*.wandb"))
-    assert {p.name for p in run.iterdir()} == {"config.yaml", "metrics.jsonl", "routes.jsonl", "final", "plots",
-                                               "ledger"}  # wandb disabled: no wandb/ directory
+    assert {p.name for p in run.iterdir()} == {"config.yaml", "topology.yaml", "metrics.jsonl", "routes.jsonl",
+                                               "final", "plots", "ledger"}  # wandb disabled: no wandb/ directory
 
 
 def test_wandb_mode_auto(monkeypatch):

@@ -222,6 +222,7 @@ class Coordinator:
         data = load_data(cfg.data)
         spec = resolve_model_spec(cfg.model, vocab_size=data.vocab_size)
         planner = Planner(cfg, spec)
+        planner.topology.save(out / "topology.yaml")  # the run's own copy; nodes that join are added
         executor = self.make_executor(spec, len(planner.allocation))
         executor.start([n.name for n in planner.topology.nodes], data.vocab_size)
         self.first_step = self._resume(out, executor)
@@ -275,7 +276,7 @@ class Coordinator:
         record: Dict[str, Any] = {}
         tokens = 0
         bar = Progress(cfg.train.steps, cfg.tracking.progress, cfg.tracking.log_every)
-        monitor = self.monitor = FaultMonitor(cfg, planner.topology.names())
+        monitor = self.monitor = FaultMonitor(cfg, planner.topology.names(), topology_path=out / "topology.yaml")
         recorder = self.recorder
         self.predictor = Predictor()
         generation = 0

@@ -1,5 +1,5 @@
-"""Fault tolerance in the coordinator: redo a failed step in a new generation, route around slow
-nodes, count what happened.
+"""Fault tolerance and membership in the coordinator: redo a failed step in a new generation, route
+around slow nodes, admit replacements and nodes added to the running job, count what happened.
 
 SkipPipe's point (arXiv 2502.19913, DESIGN.md section 5): skipping is already legal, so a dead node is
 simply not routed to, a slow node is routed to less, and a stage that has lost every replica is
@@ -26,8 +26,9 @@ SLOW_STEPS = 3
 
 
 class FaultMonitor:
-    def __init__(self, cfg, nodes: List[str]):
+    def __init__(self, cfg, nodes: List[str], topology_path=None):
         self.cfg = cfg
+        self.topology_path = topology_path  # the run's topology.yaml, rewritten when a node joins
         self.nodes = list(nodes)
         self.reroutes = 0
         self.generation = 0
@@ -37,6 +38,7 @@ class FaultMonitor:
         self.relative: Dict[str, float] = {}  # last measured speed ratio against the median node
         self.events: List[Dict[str, Any]] = []
         self.last_recovery: Dict[str, float] = {}  # times of the last step's recovery, for metrics
+        self.requests: Dict[str, int] = {}  # node asked to join -> its request id, until it joins
 
     def execute(self, planner, executor, step: int, lr: float, data, checkpoint=None) -> Tuple[Plan, Any]:
         """Run ``step``; on a node failure re-plan without the failed nodes and redo it."""
@@ -79,10 +81,17 @@ class FaultMonitor:
                             "detected_at": detected, "recovered_at": time.time(), "reasons": failure.reasons})
 
     def before_step(self, planner, executor, step: int) -> None:
-        """Admit replacements (or new nodes) that are ready; they re-enter the plan."""
+        """Take requests for new nodes, then admit replacements and new nodes that are ready; they
+        re-enter (or enter) the plan in a new generation."""
         if not hasattr(executor, "admit"):
             return
+        for request in executor.join_requests():
+            self._add_node(planner, executor, step, request)
         joined = executor.admit(planner.allocation, self.cfg.fault.rebuild)
+        for node, reason in list(getattr(executor, "failed_joins", {}).items()):
+            if node in self.requests:
+                executor.answer_join(self.requests.pop(node), "rejected", reason=reason)
+            executor.failed_joins.pop(node)
         if joined:
             self.generation = executor.generation
             self.dead -= set(joined)
@@ -91,6 +100,36 @@ class FaultMonitor:
             self.reroutes += 1
             log.warning("step %d: %s joined (generation %d)", step, ", ".join(joined), self.generation)
             self.events.append({"step": step, "generation": self.generation, "joined": joined})
+            for node in joined:
+                if node in self.requests:
+                    executor.answer_join(self.requests.pop(node), "joined", step=step, generation=self.generation)
+
+    def _add_node(self, planner, executor, step: int, request: Dict[str, Any]) -> None:
+        """A node asked to join the running job (``skippipe join``): place it, start its worker."""
+        from skippipe.errors import UserError
+        from skippipe.topology import Node
+
+        spec = request["spec"]
+        try:
+            if spec["name"] in planner.topology:
+                raise UserError(f"a node named '{spec['name']}' is already in the run; give the new node another name")
+            node = Node(spec["name"], spec["region"], spec["speed"], spec["memory_gb"])
+            stage = planner.add_node(node, spec.get("stage"))
+        except UserError as err:
+            log.warning("step %d: rejected a request to add node %s: %s", step, spec.get("name"), err)
+            executor.answer_join(request["id"], "rejected", reason=str(err))
+            return
+        self.nodes.append(node.name)
+        if self.topology_path is not None:
+            planner.topology.save(self.topology_path)
+        self.dead.add(node.name)  # not routed to until its worker is ready and admitted
+        planner.state.dead = set(self.dead)
+        executor.add_node(node.name, spec)
+        self.requests[node.name] = request["id"]
+        executor.answer_join(request["id"], "accepted", stage=stage, step=step)
+        log.warning("step %d: node %s (region %s) asked to join; it will hold stage %d", step, node.name,
+                    node.region, stage)
+        self.events.append({"step": step, "requested": node.name, "stage": stage})
 
     def after_step(self, planner, outcome, plan: Plan) -> None:
         """Mark nodes persistently slower than their peers and re-plan so fewer microbatches go

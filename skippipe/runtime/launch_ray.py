@@ -5,7 +5,9 @@ MASTER_ADDR, MASTER_PORT, plus SKIPPIPE_NODE), as in verl/OpenRLHF, so one worke
 launcher. The driver hosts the control store and runs the coordinator. Placement: one bundle per
 node, ``PACK`` on one box, ``SPREAD`` across machines, GPU bundles with ``ray.use_gpu``. A dead
 actor (``ray.kill``, a crashed process, a lost machine) is seen through its ``run`` call failing; with
-``fault.replace=true`` a new actor takes the dead one's bundle and name.
+``fault.replace=true`` a new actor takes the dead one's bundle and name. Nodes can be added to the
+running job (``skippipe join``, :mod:`skippipe.runtime.join`): each gets a placement group of its
+own, so the job's group stays as it was.
 
 Ray Train is not used: it restarts the whole group on failure, while SkipPipe routes around the dead
 node and keeps training.
@@ -56,11 +58,15 @@ class RayLauncher:
         bundle = {"CPU": cfg.ray.num_cpus_per_worker}
         if cfg.ray.use_gpu:
             bundle["GPU"] = 1
+        self.bundle = bundle
         self.pg = placement_group([dict(bundle) for _ in nodes], strategy=cfg.ray.placement_strategy)
         ray.get(self.pg.ready(), timeout=cfg.runtime.timeout_s * 4)
+        self.bundle_of: Dict[str, Any] = {node: (self.pg, i) for i, node in enumerate(nodes)}
+        self.extra_pgs: List[Any] = []
         self.actor_cls = ray.remote(WorkerActor)
         self.actors: Dict[str, Any] = {}
         self.runs: Dict[str, Any] = {}
+        self.mailbox = None
 
     def _env(self, node: str, incarnation: int) -> Dict[str, str]:
         rank = self.nodes.index(node)
@@ -72,7 +78,8 @@ class RayLauncher:
     def _spawn(self, node: str, incarnation: int) -> None:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=self.nodes.index(node))
+        pg, index = self.bundle_of[node]
+        strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index)
         actor = self.actor_cls.options(num_cpus=self.cfg.ray.num_cpus_per_worker,
                                        num_gpus=1 if self.cfg.ray.use_gpu else 0,
                                        scheduling_strategy=strategy, name=None,
@@ -83,6 +90,36 @@ class RayLauncher:
     def start(self) -> None:
         for node in self.nodes:
             self._spawn(node, 0)
+
+    # -- nodes added to the running job -------------------------------------------------------
+    def open_mailbox(self) -> None:
+        from skippipe.runtime.join import open_mailbox
+
+        self.mailbox = open_mailbox(self.cfg.run.name)
+
+    def join_requests(self) -> List[Dict[str, Any]]:
+        import ray
+
+        return ray.get(self.mailbox.take.remote()) if self.mailbox is not None else []
+
+    def answer(self, request_id: int, status: str, **info) -> None:
+        if self.mailbox is not None:
+            self.mailbox.update.remote(request_id, status, **info)
+
+    def add(self, node: str, node_ip: str = None) -> None:
+        """Start a worker for a node that was not in the topology, in a placement group of its own
+        (pinned to the Ray node with IP ``node_ip`` if given). Returns at once: the actor starts
+        when the cluster has room, and the worker joins once it reports ready."""
+        from ray.util.placement_group import placement_group
+
+        bundle = dict(self.bundle)
+        if node_ip:
+            bundle[f"node:{node_ip}"] = 0.001
+        pg = placement_group([bundle], strategy="PACK")
+        self.extra_pgs.append(pg)
+        self.nodes.append(node)
+        self.bundle_of[node] = (pg, 0)
+        self._spawn(node, 0)
 
     def exited(self) -> Dict[str, int]:
         """node -> exit code (-9 when the actor died) for every worker whose ``run`` has ended."""
@@ -123,7 +160,13 @@ class RayLauncher:
                 ray.kill(self.actors[node], no_restart=True)
             except Exception:  # already gone
                 pass
-        remove_placement_group(self.pg)
+        for pg in [self.pg, *self.extra_pgs]:
+            remove_placement_group(pg)
+        if self.mailbox is not None:
+            from skippipe.runtime.join import close_mailbox
+
+            close_mailbox(self.mailbox, self.cfg.run.name)
+            self.mailbox = None
 
 
 def connect_ray(cfg: Config) -> None:
@@ -164,9 +207,10 @@ def train_ray(cfg: Config) -> Dict[str, Any]:
     control = ControlChannel(store, cfg.runtime.timeout_s)
     nodes = load_topology(cfg).names()
     launcher = RayLauncher(cfg, nodes, addr, store.port)
-    launcher.start()
     train_ray.last_launcher = launcher  # tests reach the actors through this
     try:
+        launcher.open_mailbox()
+        launcher.start()
         return Coordinator(cfg, lambda spec, num_stages: RemoteExecutor(cfg, control, len(nodes), launcher)).run()
     finally:
         launcher.stop()

@@ -59,6 +59,8 @@ class RemoteExecutor:
         self.joining: Dict[str, int] = {}  # replacements started but not yet admitted: node -> incarnation
         self.rebuild: Dict[int, List[str]] = {}
         self.restore: Dict[int, str] = {}  # stage -> checkpoint directory its new replica loads
+        self.failed_joins: Dict[str, str] = {}  # node -> why its worker never joined
+        self.added: List[Dict[str, Any]] = []  # nodes added to the running job: name, region, speed, ...
         self.finished = False
 
     def start(self, nodes: List[str], vocab_size: int) -> None:
@@ -87,7 +89,8 @@ class RemoteExecutor:
                                      "sync": {str(k): v for k, v in self.sync.items()},
                                      "rebuild": {str(k): v for k, v in self.rebuild.items()},
                                      "restore": {str(k): v for k, v in self.restore.items()},
-                                     "checkpoint": checkpoint, "load": getattr(self, "load_dir", None)})
+                                     "checkpoint": checkpoint, "load": getattr(self, "load_dir", None),
+                                     "added": self.added})
         self.command_index += 1
         reports, dead = self._gather(index)
         self._raise_on_failure(reports, dead)
@@ -184,11 +187,34 @@ class RemoteExecutor:
         self.launcher.replace(node, self.incarnation[node])
         self.joining[node] = self.incarnation[node]
 
+    def join_requests(self) -> List[Dict[str, Any]]:
+        """Requests to add nodes to the running job (``skippipe join``), if the launcher takes them."""
+        take = getattr(self.launcher, "join_requests", None)
+        return take() if take is not None else []
+
+    def answer_join(self, request_id: int, status: str, **info) -> None:
+        self.launcher.answer(request_id, status, **info)
+
+    def add_node(self, node: str, spec: Dict[str, Any]) -> None:
+        """Start a worker for a node that was not in the topology; it joins once ready (:meth:`admit`).
+        Workers learn its region and speed from the commands (``added``), for the link emulator."""
+        self.nodes.append(node)
+        self.added.append(dict(spec))
+        self.incarnation[node] = 0
+        self.launcher.add(node, spec.get("node_ip"))
+        self.joining[node] = 0
+
     def admit(self, allocation: List[List[str]], rebuild: str) -> List[str]:
         """Let every ready replacement (or new node) into a new generation. Its stage state comes
         from a live replica; when none is alive, from ``rebuild`` (``init``: the seeded initial
         parameters; ``checkpoint``: the newest verified checkpoint; ``checkfree``: the average of the
         neighbouring stages, CheckFree arXiv 2506.15461)."""
+        exited = self.launcher.exited() if self.launcher is not None and self.joining else {}
+        for node in sorted(set(self.joining) & set(exited)):
+            if not self.control.has(f"ready/{node}/{self.joining[node]}"):
+                self.joining.pop(node)
+                self.failed_joins[node] = f"its worker exited with code {exited[node]} before it could join"
+                log.warning("node %s: %s", node, self.failed_joins[node])
         ready = [n for n, inc in sorted(self.joining.items()) if self.control.has(f"ready/{n}/{inc}")]
         if not ready:
             return []

@@ -147,7 +147,7 @@ class Worker:
 
             self.data = load_data(cfg.data)
         members: List[str] = command["members"]
-        self._init_groups(plan, members, command["generation"])
+        self._init_groups(plan, members, command["generation"], command.get("added") or [])
         for stage, source in sorted((command.get("sync") or {}).items()):
             self._sync_stage(int(stage), source)
         for stage, sources in sorted((command.get("rebuild") or {}).items()):
@@ -156,7 +156,7 @@ class Worker:
         if restore:  # this stage lost every replica: load it from a verified checkpoint
             self.load_checkpoint(restore)
 
-    def _init_groups(self, plan: Plan, members: List[str], generation: int) -> None:
+    def _init_groups(self, plan: Plan, members: List[str], generation: int, added: List[Dict[str, Any]]) -> None:
         """Process-group objects of this generation (the world, and one per stage with replicas).
 
         They are explicit objects on store prefixes ``pg/<generation>/...``, not torch's global
@@ -181,9 +181,11 @@ class Worker:
                                                len(self.stage_members), timeout)
         links = None
         if self.cfg.cost.emulate_links:
-            from skippipe.topology import load_topology
+            from skippipe.topology import Node, load_topology
 
             topo = load_topology(self.cfg)
+            for a in added:  # nodes added to the running job (skippipe join)
+                topo = topo.with_node(Node(a["name"], a["region"], a["speed"], a["memory_gb"]))
             links = LinkModel(topo.latency_s, topo.bandwidth_bytes_per_s)
         self.transport = Transport(self.world_pg, self.rank_of, self.me, self.device, self.cfg.runtime.timeout_s,
                                    links, should_abort=self._aborted, waiter=self.waiter)
