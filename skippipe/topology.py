@@ -107,7 +107,7 @@ class Topology:
     def with_node(self, node: Node) -> "Topology":
         """This topology with one more node (checked like any other)."""
         return Topology(self.region_names, self.latency_ms, self.bandwidth_gbps, [*self.nodes, node],
-                        origin=f"node '{node.name}'")
+                        origin="new node")
 
     def to_dict(self) -> Dict[str, Any]:
         """The topology YAML's shape (regions and explicit nodes); ``from_dict`` reads it back."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
 import time
 from typing import Any, Dict, List, Optional
 
@@ -116,10 +117,13 @@ def request_join(run_name: str, spec: Dict[str, Any], address: Optional[str] = N
 
 def submit_join(run_name: str, spec: Dict[str, Any], address: Optional[str] = None) -> Dict[str, Any]:
     """Leave the request in the run's mailbox; returns a handle for :func:`wait_join`."""
+    address = address or os.environ.get("RAY_ADDRESS") or "auto"
+    if address.split("://")[-1].split(":")[0] in ("127.0.0.1", "localhost") and "ray" not in sys.modules:
+        # Ray swaps a loopback address for this host's public IP unless clusters are kept local
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
     if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS") or "auto"
         try:
             ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level="ERROR")
         except (ConnectionError, RuntimeError) as err:
