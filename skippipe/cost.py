@@ -50,6 +50,9 @@ class CostModel:
         self.activation_bytes = samples * spec.seq_len * spec.dim * bytes_per_element
         self._measured_compute: Dict[Tuple[str, int, str], float] = {}
         self._node_ratio: Dict[str, float] = {}
+        # measured over modelled time of the median measured node: a node not measured yet (one that
+        # just joined) is assumed typical, not as fast or slow as the uncalibrated model says
+        self._typical_ratio = 1.0
         self._link_ratio: Dict[Tuple[str, str], float] = {}
 
     @classmethod
@@ -83,7 +86,7 @@ class CostModel:
         measured = self._measured_compute.get((node, stage, phase))
         if measured is not None:
             return measured
-        return self._modelled(node, stage, phase) * self._node_ratio.get(node, 1.0)
+        return self._modelled(node, stage, phase) * self._node_ratio.get(node, self._typical_ratio)
 
     def fwd_s(self, node: str, stage: int) -> float:
         return self._time(node, stage, "F")
@@ -167,6 +170,7 @@ class CostModel:
         ratio = seconds / max(self._modelled(node, stage, phase), 1e-12)
         prev = self._node_ratio.get(node)
         self._node_ratio[node] = ratio if prev is None else (1 - w) * prev + w * ratio
+        self._typical_ratio = float(np.median(list(self._node_ratio.values())))
 
     def observe_link(self, a: str, b: str, seconds: float, nbytes: float) -> None:
         """Fold a measured transfer (without message overhead) into the link's time ratio (EWMA)."""

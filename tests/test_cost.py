@@ -66,3 +66,16 @@ def test_measurements_replace_model_with_ewma():
     before = cost.transfer_s("n0", "n1")
     cost.observe_link("n0", "n1", 2 * (before - 0.35), cost.activation_bytes)
     assert cost.transfer_s("n0", "n1") == pytest.approx(2 * (before - 0.35) + 0.35)
+
+
+def test_unmeasured_node_is_assumed_typical():
+    """A node with no measurements yet (one that just joined) is scaled like the median measured
+    node, so an uncalibrated model does not make it look faster or slower than its peers."""
+    cost = _cost()
+    assert cost.fwd_s("n2", 1) == pytest.approx(cost.modelled_fwd_s("n2", 1))  # nothing measured: the model
+    for node, factor in (("n0", 0.1), ("n1", 0.3)):
+        cost.observe_compute(node, 1, "F", factor * cost.modelled_fwd_s(node, 1))
+    typical = 0.2  # the median of the measured ratios 0.1 and 0.3
+    assert cost.fwd_s("n2", 3) == pytest.approx(typical * cost.modelled_fwd_s("n2", 3))
+    assert cost.fwd_s("n2", 3) < cost.fwd_s("n1", 3)  # n2's own speed (2.0) still counts
+    assert cost.slowdown("n2") == 1.0  # reported slowdown: measured only

@@ -276,3 +276,29 @@ def test_tiny_config_plans_fast_and_identically():
     assert time.process_time() - start < 1.0  # CPU time: allocation + routing, however loaded the machine
     assert make_plan(cfg, method="skippipe").to_dict() == first.to_dict()
     assert first.extra["search_capped"] is False
+
+
+def test_planner_places_a_new_node_in_the_thinnest_stage():
+    from skippipe.errors import UserError
+    from skippipe.model.presets import resolve_model_spec
+    from skippipe.planner import Planner
+    from skippipe.topology import Node
+
+    cfg = load_config("configs/tiny.yaml", [])
+    planner = Planner(cfg, resolve_model_spec(cfg.model, vocab_size=256))
+    sizes = [len(s) for s in planner.allocation]  # [2, 2, 1, 1]
+    assert planner.add_node(Node("n6", "eu")) == 2  # fewest replicas; ties: the lowest stage above 0
+    assert planner.add_node(Node("n7", "us")) == 3
+    planner.state.dead = {planner.allocation[1][0], planner.allocation[1][1]}
+    assert planner.add_node(Node("n8", "eu")) == 1  # a stage whose replicas died comes first
+    assert [len(s) for s in planner.allocation] == [sizes[0], sizes[1] + 1, sizes[2] + 1, sizes[3] + 1]
+    assert "n8" in planner.topology and planner.cost.topology is planner.topology
+    assert planner.add_node(Node("n9", "eu"), stage=0) == 0
+    plan = planner.plan(0)  # stage 0 grew, the batch did not
+    assert len(plan.microbatches) == sizes[0] * cfg.schedule.microbatches_per_originator
+    for bad, match in ((Node("n1", "eu"), "duplicate"), (Node("x", "mars"), "unknown region"),
+                       (Node("y", "eu", memory_gb=1e-6), "holds no stage")):
+        with pytest.raises(UserError, match=match):
+            planner.add_node(bad)
+    with pytest.raises(UserError, match="does not exist"):
+        planner.add_node(Node("z", "eu"), stage=9)
