@@ -302,3 +302,24 @@ def test_planner_places_a_new_node_in_the_thinnest_stage():
             planner.add_node(bad)
     with pytest.raises(UserError, match="does not exist"):
         planner.add_node(Node("z", "eu"), stage=9)
+
+
+def test_large_group_matching_bound_sees_forced_far_links():
+    """Groups too large for the exact matching use Hall's bound per class of interchangeable nodes:
+    20 nodes of region a facing a group with only 9 nodes outside the far region b must use an a-b
+    link (100 s) however they are matched."""
+    from skippipe.schedule.allocate import _Scorer, node_classes
+    from skippipe.topology import Node, Topology
+
+    lat = [[1, 100_000, 1], [100_000, 1, 1], [1, 1, 1]]  # ms: a-b is 100 s
+    nodes = ([Node(f"a{i}", "a") for i in range(20)] + [Node(f"c{i}", "c") for i in range(14)]
+             + [Node(f"b{i}", "b") for i in range(16)])
+    topo = Topology(["a", "b", "c"], lat, [[100] * 3] * 3, nodes)
+    cost_s = topo.latency_matrix_s().copy()  # seconds; zero diagonal, as the transfer matrix
+    np.fill_diagonal(cost_s, 0.0)
+    scorer = _Scorer(cost_s, np.zeros(len(nodes)), np.zeros((len(nodes), 2)), 2, node_classes(topo))
+    x = np.arange(25)  # 20 a + 5 c
+    y = np.arange(25, 50)  # 9 c + 16 b
+    exact = bottleneck_matching(cost_s[np.ix_(x, y)])
+    assert exact >= 100
+    assert scorer.pair(x, y) == pytest.approx(exact)

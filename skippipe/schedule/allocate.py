@@ -126,16 +126,18 @@ def _saturates(allowed: np.ndarray, rows: int) -> bool:
 class _Scorer:
     """Incremental DT-FM score of a labelling (node -> stage)."""
 
-    def __init__(self, cost_s: np.ndarray, weight_s: np.ndarray, misfit: np.ndarray, num_stages: int):
+    def __init__(self, cost_s: np.ndarray, weight_s: np.ndarray, misfit: np.ndarray, num_stages: int,
+                 classes: np.ndarray):
         self.cost_s = cost_s
         self.edge = cost_s + weight_s[:, None]
         # symmetric edges (symmetric links, equal compute): one matching per pair of stages
         self.symmetric = bool(np.allclose(self.edge, self.edge.T, rtol=0, atol=0))
-        # classes of nodes with identical edge rows / columns (one region and speed), for the
-        # Hall bound of large groups (``_class_bound``) without comparing rows at every move
-        _, self.row_class = np.unique(self.edge, axis=0, return_inverse=True)
-        _, self.col_class = np.unique(self.edge.T, axis=0, return_inverse=True)
-        self.row_class, self.col_class = self.row_class.ravel(), self.col_class.ravel()
+        # classes of interchangeable nodes (one region and speed: identical edges to every other
+        # node), for the Hall bound of large groups (``_class_bound``). They come from the nodes,
+        # not from comparing matrix rows: each row's zero diagonal makes every row unique, which
+        # silently reduced the bound to the plain row minimum (a 132 s NL-London matching scored
+        # 2.7 s at 200 nodes).
+        self.row_class = self.col_class = np.asarray(classes).ravel()
         self.misfit = misfit
         self.num_stages = num_stages
 
@@ -186,6 +188,12 @@ class _Scorer:
         misfits = float(self.misfit[np.arange(len(labels)), labels].sum())
         # small sum terms break the plateaus of the max-based objective
         return float(diam.max() + 2 * pp_cost + 1e-3 * diam.sum() + _MISFIT_PENALTY_S * misfits)
+
+
+def node_classes(topology) -> np.ndarray:
+    """Class index per node: nodes of one region with one speed are interchangeable in the score."""
+    _, classes = np.unique([f"{n.region}\0{n.speed!r}" for n in topology.nodes], return_inverse=True)
+    return classes.ravel()
 
 
 def _greedy_seed(cost_s: np.ndarray, sizes: List[int], start: int, order: List[int]) -> np.ndarray:
@@ -284,7 +292,7 @@ def allocate(topology, cost, cfg, budget_s: Optional[float] = None) -> List[List
     need_bytes = np.array([cost.stage_memory_bytes(k, cfg.schedule.memory) for k in range(stages)])
     have_bytes = np.array([n.memory_gb * 2**30 for n in topology.nodes])
     misfit = (have_bytes[:, None] < need_bytes[None, :]).astype(np.float64)
-    scorer = _Scorer(cost_s, weight_s, misfit, stages)
+    scorer = _Scorer(cost_s, weight_s, misfit, stages, node_classes(topology))
     rng = random.Random(cfg.schedule.seed if cfg.schedule.seed is not None else cfg.run.seed)
     if budget_s is None:
         budget_s = getattr(cfg.schedule, "allocation_budget_s", 120.0)
@@ -330,7 +338,8 @@ def allocation_score(topology, cost, allocation: List[List[str]]) -> float:
             labels[index[node]] = k
     cost_s = cost.transfer_matrix_s(names)
     weight_s = np.array([cost.fwd_s(n, min(1, len(allocation) - 1)) for n in names])
-    scorer = _Scorer(cost_s, weight_s, np.zeros((len(names), len(allocation))), len(allocation))
+    scorer = _Scorer(cost_s, weight_s, np.zeros((len(names), len(allocation))), len(allocation),
+                     node_classes(topology))
     _, diam, stage = scorer.full(labels)
     pp_cost, _ = best_tour(stage)
     return float(diam.max() + 2 * pp_cost)

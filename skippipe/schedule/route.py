@@ -348,6 +348,41 @@ def full_pipelines(prob: _Problem) -> Dict[int, List[str]]:
     return {mbs[i][0]: list(pipes[slots[c]]) for i, c in zip(rows, cols)}
 
 
+def _paths_full_skipping(prob: _Problem, balanced: bool) -> Optional[Dict[int, List[str]]]:
+    """The DT-FM pipelines of ``full``, each with the stages it must skip dropped: a construction
+    for ``skippipe`` that inherits the allocation's aligned, region-coherent pipelines.
+
+    The dropped stages are spread evenly along the pipeline; ``balanced`` rotates them with the
+    microbatch (so every stage loses the same share of visits), otherwise each microbatch takes the
+    legal rotation with the cheapest static path. None when no rotation meets the path rules (the
+    max_jump of a stage that died), then the other constructions decide.
+    """
+    stages = prob.live_stages
+    drop = len(stages) - (prob.visited - 1)
+    rules = _rules_for(prob)
+    pipes = full_pipelines(prob)
+    if drop <= 0:
+        return pipes
+    spaced = [round(i * len(stages) / drop) for i in range(drop)]
+    legal = []
+    for shift in range(len(stages)):
+        dropped = {(shift + d) % len(stages) for d in spaced}
+        keep = [i for i in range(len(stages)) if i not in dropped]
+        if path_rule_violation([stages[i] for i in keep], len(prob.live), prob.visited, rules) is None:
+            legal.append(keep)
+    if not legal:
+        return None
+    paths = {}
+    for index, (mb_id, orig, _) in enumerate(sorted(prob.mbs)):
+        pipe = pipes[mb_id]
+        if balanced:
+            keep = legal[index % len(legal)]
+        else:
+            keep = min(legal, key=lambda k: prob.static_cost(orig, [pipe[i] for i in k]))
+        paths[mb_id] = [pipe[i] for i in keep]
+    return paths
+
+
 def _paths_full(prob: _Problem, rng: random.Random) -> Dict[int, List[str]]:
     return full_pipelines(prob)
 
@@ -653,7 +688,9 @@ def _route_skippipe(prob: _Problem, rng: random.Random, num_stages: int, budget_
     """Collision-aware routing (TC2): greedy constructions, then a simulator-scored local search.
 
     Constructions: greedy insertion on the reservation table with a few insertion orders and
-    weights, and the collision-blind cost-aware paths (``skippipe_nc``). The best of them under the
+    weights, the collision-blind cost-aware paths (``skippipe_nc``), and the DT-FM pipelines of
+    ``full`` with the skipped stages dropped (at scale, where TC1 pushes the greedy paths onto far
+    replicas, these region-coherent pipelines are the better start). The best of them under the
     simulator (readiness order) seeds the local search (``schedule.search.improve``). The result
     is never slower than any construction, the ``skippipe_nc`` paths included.
     """
@@ -688,6 +725,10 @@ def _route_skippipe(prob: _Problem, rng: random.Random, num_stages: int, budget_
         consider(paths, starts, _order_of(res.actions), tag=f"greedy{attempt}-reserved")
     nc_paths = _paths_nc(prob, random.Random(0))
     consider(nc_paths, {}, tag="nc")
+    for balanced in (True, False):  # the full pipelines with skips: never worse than DT-FM's paths
+        full_skip = _paths_full_skipping(prob, balanced)
+        if full_skip is not None:
+            consider(full_skip, {}, tag=f"full-skip{'-balanced' if balanced else ''}")
     log.debug("skippipe constructions: %s", [(c[5], round(c[0], 2)) for c in candidates])
     readiness = [c for c in candidates if c[4] is None]
     seed = min(readiness or candidates, key=lambda c: (c[0], c[1]))
