@@ -204,6 +204,22 @@ def test_new_node_joins_running_job(ray_cluster, tmp_path):
     assert "n6" in topology and "local" in topology
 
 
+def test_join_command_bad_input_is_one_line(capsys):
+    from skippipe.cli import main
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cases = [(["--node", "n9", "--region", "eu", "--address", f"127.0.0.1:{port}"], "no Ray cluster answers"),
+             (["--node", "bad name!", "--region", "eu"], "--node"),
+             (["--node", "n9", "--region", "eu", "--speed", "0"], "--speed"),
+             (["--region", "eu"], "--node")]
+    for args, match in cases:
+        assert main(["join", "somerun", *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and match in err, err
+
+
 @pytest.mark.slow
 def test_ray_job_submit_end_to_end(tmp_path):
     """`ray start --head` on 127.0.0.1, `ray job submit`, `skippipe join` of a new node into the

@@ -5,6 +5,7 @@ import json
 import math
 import re
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -266,7 +267,14 @@ def test_checkpoint_manifests_become_a_wandb_artifact(tmp_path, monkeypatch):
     logger = MetricsLogger(run, load_config(None, ["tracking.wandb.mode=offline", "run.name=ck", f"run.dir={run}"]))
     assert logger.log_checkpoint_manifests(run) == 2
     logger.close()
-    records = wandb_records(next(run.glob("wandb/offline-run-*/run-*.wandb")))
-    artifacts = [r.artifact for r in records if r.WhichOneof("record_type") == "artifact"]
+    # wandb-core appends the artifact record to the offline log asynchronously: once seen in a full
+    # suite under load, finish() returned before it was there; give it a bounded time to land
+    deadline = time.monotonic() + 30
+    while True:
+        records = wandb_records(next(run.glob("wandb/offline-run-*/run-*.wandb")))
+        artifacts = [r.artifact for r in records if r.WhichOneof("record_type") == "artifact"]
+        if artifacts or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert len(artifacts) == 1 and artifacts[0].type == "checkpoint-manifest"
     assert sorted(c.path for c in artifacts[0].manifest.contents) == ["2/manifest.json", "4/manifest.json"]

@@ -118,6 +118,7 @@ def request_join(run_name: str, spec: Dict[str, Any], address: Optional[str] = N
 def submit_join(run_name: str, spec: Dict[str, Any], address: Optional[str] = None) -> Dict[str, Any]:
     """Leave the request in the run's mailbox; returns a handle for :func:`wait_join`."""
     address = address or os.environ.get("RAY_ADDRESS") or "auto"
+    _check_reachable(address)
     if address.split("://")[-1].split(":")[0] in ("127.0.0.1", "localhost") and "ray" not in sys.modules:
         # Ray swaps a loopback address for this host's public IP unless clusters are kept local
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -135,6 +136,22 @@ def submit_join(run_name: str, spec: Dict[str, Any], address: Optional[str] = No
         raise UserError(f"no run named '{run_name}' is training on this Ray cluster (with launcher=ray); "
                         "check the run's run.name") from None
     return {"run": run_name, "spec": spec, "mailbox": mailbox, "id": ray.get(mailbox.request.remote(spec))}
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail at once on a host:port nobody listens on (``ray.init`` would retry for minutes)."""
+    import socket
+
+    hostport = address.split("://")[-1]
+    if hostport in ("auto", "local") or ":" not in hostport:
+        return
+    host, _, port = hostport.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except (OSError, ValueError) as err:
+        raise UserError(f"--address {address}: no Ray cluster answers there ({err}); give the head's GCS "
+                        "address (host:port, port 6379 unless `ray start --head --port` said otherwise)") from None
 
 
 def wait_join(request: Dict[str, Any], until: str = "joined", timeout_s: float = 300.0,
