@@ -285,8 +285,9 @@ def read_run_config(run_dir: Path, need_topology: bool = False):
 
     The topology is the run's own copy (``runs/<name>/topology.yaml``, which also holds the nodes
     that joined the running job) when there is one. Otherwise paths are relative to where the run
-    was started; a topology file that is not found from here is dropped unless ``need_topology`` (then the error says where to run from), and the replay
-    source is always dropped (a finished run does not need it).
+    was started; a topology file that is not found from here is dropped unless ``need_topology``
+    (then the error says where to run from). The replay source is always dropped (a finished run
+    does not need it).
     """
     from omegaconf import OmegaConf
 

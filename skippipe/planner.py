@@ -46,7 +46,7 @@ class Planner:
         num_stages = len(self.allocation)
         memory = self.cfg.schedule.memory
         fits = [k for k in range(num_stages)
-                if self.cost.stage_memory_bytes(k, memory) <= node.memory_gb * 1e9]
+                if self.cost.stage_memory_bytes(k, memory) <= node.memory_gb * 2**30]  # GiB, as allocate()
         if stage is None:
             if not fits:
                 raise UserError(f"node '{node.name}': memory_gb={node.memory_gb} holds no stage; give it more memory")

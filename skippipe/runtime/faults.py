@@ -88,10 +88,10 @@ class FaultMonitor:
         for request in executor.join_requests():
             self._add_node(planner, executor, step, request)
         joined = executor.admit(planner.allocation, self.cfg.fault.rebuild)
-        for node, reason in list(getattr(executor, "failed_joins", {}).items()):
+        for node, reason in executor.failed_joins.items():
             if node in self.requests:
                 executor.answer_join(self.requests.pop(node), "rejected", reason=reason)
-            executor.failed_joins.pop(node)
+        executor.failed_joins.clear()
         if joined:
             self.generation = executor.generation
             self.dead -= set(joined)

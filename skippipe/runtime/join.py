@@ -25,7 +25,6 @@ from typing import Any, Dict, List, Optional
 from skippipe.errors import RunFailed, UserError
 
 NAMESPACE = "skippipe"
-STATUSES = ("queued", "accepted", "joined", "rejected")
 
 
 def mailbox_name(run_name: str) -> str:
@@ -45,7 +44,7 @@ class JoinMailbox:
         return rid
 
     def take(self) -> List[Dict[str, Any]]:
-        """Queued requests, oldest first; each is handed out once (its status moves on)."""
+        """Queued requests, oldest first; each is handed out once (its status becomes ``taken``)."""
         out = [dict(r) for r in self.requests.values() if r["status"] == "queued"]
         for r in out:
             self.requests[r["id"]]["status"] = "taken"

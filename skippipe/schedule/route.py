@@ -59,9 +59,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class LiveState:
-    """What the coordinator knows now: dead nodes, measured slowness (compute time factor) and, once
-    membership has changed, the iteration's microbatch count fixed at the start of the run (nodes
-    that join stage 0 later share the same microbatches; they do not grow the batch)."""
+    """What the coordinator knows now: dead nodes, measured slowness (compute time factor) and the
+    iteration's microbatch count (None: stage-0 nodes x ``microbatches_per_originator``; the planner
+    fixes it at the start of a run, so nodes that join stage 0 share the same microbatches)."""
 
     dead: Set[str] = field(default_factory=set)
     slowdown: Dict[str, float] = field(default_factory=dict)
