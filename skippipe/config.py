@@ -173,6 +173,8 @@ class FaultConfig:
     rebuild: str = "init"  # a stage with no live replica restarts from: init (seeded), checkpoint or checkfree
     corrupt: CorruptConfig = field(default_factory=CorruptConfig)
     slow_threshold: float = 2.0  # a node this many times slower than the median node (3 steps running) is slow
+    slow_until: Optional[int] = None  # fault.slow_nodes stop at this step (a transient slowdown); None: never
+    probe_after: int = 20  # steps a slow node left without work waits before it is tried again (0: never)
     heartbeat_s: float = 2.0
 
 
@@ -424,6 +426,10 @@ def check_config(cfg: Config) -> None:
     for node, factor in cfg.fault.slow_nodes.items():
         if factor <= 0:
             raise ConfigError(f"fault.slow_nodes.{node}={factor} must be > 0 (5.0 means five times slower)")
+    if cfg.fault.probe_after < 0:
+        raise ConfigError(f"fault.probe_after={cfg.fault.probe_after} must be >= 0 (0: never try a slow node again)")
+    if cfg.fault.slow_until is not None and cfg.fault.slow_until < 0:
+        raise ConfigError(f"fault.slow_until={cfg.fault.slow_until} must be a step >= 0, or null for always")
     if (cfg.fault.kill.step is None) != (cfg.fault.kill.node is None):
         raise ConfigError("fault.kill needs both step and node, e.g. fault.kill.step=5 fault.kill.node=n2")
     if (cfg.fault.error.step is None) != (cfg.fault.error.node is None):

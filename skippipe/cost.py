@@ -182,6 +182,14 @@ class CostModel:
         prev = self._link_ratio.get(key)
         self._link_ratio[key] = ratio if prev is None else (1 - w) * prev + w * ratio
 
+    def forget(self, node: str) -> None:
+        """Drop what was measured of ``node``'s compute: it is costed as a typical node again (to
+        probe a node that got no work since it was found slow)."""
+        self._measured_compute = {k: v for k, v in self._measured_compute.items() if k[0] != node}
+        self._node_ratio.pop(node, None)
+        if self._node_ratio:
+            self._typical_ratio = float(np.median(list(self._node_ratio.values())))
+
     def slowdown(self, node: str) -> float:
         """Measured over modelled compute time of ``node`` (1.0 before any measurement)."""
         return self._node_ratio.get(node, 1.0)

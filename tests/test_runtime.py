@@ -79,6 +79,27 @@ def test_killed_worker_is_routed_around_and_step_redone(tmp_path):
         assert all("n2" not in [mb["originator"], *mb["path"]] for mb in r["plan"]["microbatches"])
 
 
+def test_recovered_slow_node_is_probed_and_used_again(tmp_path):
+    """A node 8x slower until step 6 is routed around (no work), then, after fault.probe_after steps
+    without work, tried again; it is fast by then, so it keeps receiving microbatches."""
+    run = tmp_path / "run"
+    single = ["schedule.memory=4", "topology.file=null", "topology.generate.count=6",
+              "topology.generate.placement=single", "cost.fwd_s_per_sample_layer=0.002"]
+    from skippipe.config import load_config
+    from skippipe.model.presets import resolve_model_spec
+    from skippipe.planner import Planner
+
+    cfg = load_config("configs/tiny.yaml", [*SMALL, *single])
+    slow = Planner(cfg, resolve_model_spec(cfg.model, vocab_size=256)).allocation[1][0]  # a stage-1 replica
+    assert main(["train", "configs/tiny.yaml", *SMALL, *single, "train.steps=24", f"run.dir={run}", "launcher=local",
+                 f"fault.slow_nodes.{slow}=8.0", "fault.slow_until=6", "fault.probe_after=3"]) == 0
+    routes = [json.loads(line) for line in (run / "routes.jsonl").read_text().splitlines()]
+    visits = [sum(slow in mb["path"] for mb in r["plan"]["microbatches"]) for r in routes]
+    first_idle = visits.index(0)  # routed around while slow
+    assert first_idle < 10 and visits[-1] > 0, visits  # ...and used again once it recovered
+    assert metrics(run)[-2]["fault/probes"] >= 1
+
+
 def _link_pair(rank, port, result_path):
     from datetime import timedelta
 

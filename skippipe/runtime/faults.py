@@ -39,6 +39,13 @@ class FaultMonitor:
         self.events: List[Dict[str, Any]] = []
         self.last_recovery: Dict[str, float] = {}  # times of the last step's recovery, for metrics
         self.requests: Dict[str, int] = {}  # node asked to join -> its request id, until it joins
+        # slow nodes that get no work are never measured again: after fault.probe_after steps without
+        # work one is costed as typical and re-planned (probation); found slow again, it waits twice
+        # as long before the next try
+        self._idle: Dict[str, int] = {}
+        self._probing: set = set()
+        self._probe_after: Dict[str, int] = {}
+        self.probes = 0
 
     def execute(self, planner, executor, step: int, lr: float, data, checkpoint=None) -> Tuple[Plan, Any]:
         """Run ``step``; on a node failure re-plan without the failed nodes and redo it."""
@@ -144,14 +151,32 @@ class FaultMonitor:
         threshold = self.cfg.fault.slow_threshold
         above = {n: r / median for n, r in ratios.items() if r / median > threshold}
         self._streak = {n: self._streak.get(n, 0) + 1 for n in above}
-        slow = {n: f for n, f in above.items() if self._streak[n] >= SLOW_STEPS or n in self.slow}
+        # a node on probation was slow before: one slow step is enough to route around it again
+        slow = {n: f for n, f in above.items() if self._streak[n] >= SLOW_STEPS or n in self.slow or n in self._probing}
+        for node in sorted(set(self._probing) & set(ratios)):
+            if node in slow:
+                self._probe_after[node] = 2 * self._probe_wait(node)  # still slow: wait longer next time
+            self._probing.discard(node)
         slow.update({n: f for n, f in self.slow.items() if n not in ratios})  # not measured: keep
-        if set(slow) != set(self.slow):
+        self._idle = {n: self._idle.get(n, 0) + 1 for n in slow if n not in ratios and n not in self.dead}
+        for node in sorted(n for n, idle in self._idle.items() if 0 < self._probe_wait(n) <= idle):
+            log.warning("node %s got no work for %d steps since it was found slow; trying it again", node,
+                        self._idle[node])
+            slow.pop(node)
+            self._idle.pop(node)
+            self._streak.pop(node, None)
+            self._probing.add(node)
+            planner.cost.forget(node)
+            self.probes += 1
+        if set(slow) != set(self.slow):  # also when a node goes on probation
             for node in sorted(set(slow) - set(self.slow)):
                 log.warning("node %s is %.1fx slower than its peers; routing around it", node, slow[node])
             planner.invalidate()
             self.reroutes += 1
         self.slow = slow
+
+    def _probe_wait(self, node: str) -> int:
+        return self._probe_after.get(node, self.cfg.fault.probe_after)
 
     @staticmethod
     def _speed_ratios(cost, outcome, plan: Plan) -> Dict[str, float]:
@@ -173,4 +198,6 @@ class FaultMonitor:
         generation and plan) and ``fault/recovered_s`` (step start to the redone step's completion)."""
         out = {f"node/{n}/slowdown": round(self.relative.get(n, 1.0), 3) for n in self.nodes if n not in self.dead}
         out.update(self.last_recovery)
+        if self.probes:
+            out["fault/probes"] = self.probes  # slow nodes tried again after fault.probe_after idle steps
         return out

@@ -302,6 +302,8 @@ class Worker:
 
     def step(self, plan: Plan, step: int, lr: float) -> Dict[str, Any]:
         self._inject_faults(step)
+        until = self.cfg.fault.slow_until
+        self.slowdown = float(self.cfg.fault.slow_nodes.get(self.me, 1.0)) if until is None or step < until else 1.0
         start = time.perf_counter()
         times = StepTimes()
         hook = None
