@@ -152,6 +152,15 @@ def _run_or_record(fn, cfg, errors) -> None:
         errors.append(err)
 
 
+def slow_rows(label: str, counted: str, result: dict) -> list:
+    """The table rows of one slow-node experiment."""
+    reroute, static = result["rerouting"], result["static"]
+    return [(f"{label}: median iter static plan", f"{static['median_iter_s']:.3f} s", "-"),
+            (f"{label}: median iter rerouting", f"{reroute['median_iter_s']:.3f} s", "-"),
+            (f"{label}: reduction from rerouting", f"{100 * result['reduction']:.1f}%", ">= 30%"),
+            (f"{label}: {counted} first -> last plan", f"{reroute['visits_first']} -> {reroute['visits_last']}", "fewer")]
+
+
 def main_bench() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps (a smoke run)")
@@ -169,15 +178,8 @@ def main_bench() -> None:
         ("same steps / microbatch ids as clean run", f"{rec['same_steps']} / {rec['same_microbatch_ids']}", "True / True"),
         ("final train loss clean / with kill", f"{rec['final_train_loss_clean']:.4f} / {rec['final_train_loss_kill']:.4f}", "-"),
         ("val loss clean / with kill", f"{rec['val_loss_clean']:.4f} / {rec['val_loss_kill']:.4f}", "-"),
-        ("slow node: median iter static plan", f"{slow['static']['median_iter_s']:.3f} s", "-"),
-        ("slow node: median iter rerouting", f"{slow['rerouting']['median_iter_s']:.3f} s", "-"),
-        ("slow node: reduction from rerouting", f"{100 * slow['reduction']:.1f}%", ">= 30%"),
-        ("slow node: visits first -> last plan", f"{slow['rerouting']['visits_first']} -> {slow['rerouting']['visits_last']}", "fewer"),
-        ("slow originator: median iter static plan", f"{slow0['static']['median_iter_s']:.3f} s", "-"),
-        ("slow originator: median iter rerouting", f"{slow0['rerouting']['median_iter_s']:.3f} s", "-"),
-        ("slow originator: reduction from rerouting", f"{100 * slow0['reduction']:.1f}%", ">= 30%"),
-        ("slow originator: started first -> last plan",
-         f"{slow0['rerouting']['visits_first']} -> {slow0['rerouting']['visits_last']}", "fewer"),
+        *slow_rows("slow node", "visits", slow),
+        *slow_rows("slow originator", "started", slow0),
         ("join (Ray): request -> accepted / joined", f"{joined['request_to_accepted_s']:.2f} / "
          f"{joined['request_to_joined_s']:.2f} s", "-"),
         ("join (Ray): asked after step -> joined at", f"{joined['asked_after_step']} -> {joined['joined_at_step']}", "-"),
