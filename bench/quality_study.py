@@ -275,6 +275,16 @@ def analyse(runs: Dict[str, Dict[str, Any]], raw: Dict[str, Dict[str, Any]]) -> 
 # plots and report
 
 
+def _save(fig, path: Path) -> str:
+    """Lay out, write (110 dpi) and close a figure; returns the file name."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
 def plots(runs, raw, out_dir: Path, quick: bool) -> List[str]:
     import matplotlib
 
@@ -297,11 +307,7 @@ def plots(runs, raw, out_dir: Path, quick: bool) -> List[str]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         ax.set_ylim(top=min(ax.get_ylim()[1], 3.5 if not quick else 6.0))
-    fig.tight_layout()
-    path = out_dir / "quality_loss_steps.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(path.name)
+    written.append(_save(fig, out_dir / "quality_loss_steps.png"))
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for n in names:
@@ -313,11 +319,7 @@ def plots(runs, raw, out_dir: Path, quick: bool) -> List[str]:
     ax.set_ylim(top=min(ax.get_ylim()[1], 3.5 if not quick else 6.0))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out_dir / "quality_loss_geo20_time.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(path.name)
+    written.append(_save(fig, out_dir / "quality_loss_geo20_time.png"))
 
     fig, ax = plt.subplots(figsize=(8.5, 4.5))
     width = 0.38
@@ -335,11 +337,7 @@ def plots(runs, raw, out_dir: Path, quick: bool) -> List[str]:
     ax.set_ylim(low * 1.6 if low < 0 else low, high * 1.8)  # room for the value labels
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out_dir / "quality_robustness.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(path.name)
+    written.append(_save(fig, out_dir / "quality_robustness.png"))
     return written
 
 

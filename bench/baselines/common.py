@@ -214,6 +214,14 @@ class Stopwatch:
         self.iter_s.append(time.perf_counter() - self._t0)
 
 
+def add_run_arguments(parser) -> None:
+    """The arguments every baseline takes: timed iterations, warm-up, result file, config overrides."""
+    parser.add_argument("--iters", type=int, default=12, help="timed iterations after the warm-up")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--out", required=True, help="JSON result file")
+    parser.add_argument("overrides", nargs="*", help="skippipe key=value overrides (model, data, train, schedule)")
+
+
 def launch_and_report(run_rank, world_size: int, args) -> int:
     """Spawn one process per stage running ``run_rank``, then print the result ``args.out`` holds;
     exit status 1 if any loss is not finite."""

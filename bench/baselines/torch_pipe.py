@@ -77,10 +77,7 @@ def run_rank(rank: int, world_size: int, port: int, args) -> None:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--schedule", choices=SCHEDULES, default="1f1b")
-    parser.add_argument("--iters", type=int, default=12, help="timed iterations after the warm-up")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--out", required=True, help="JSON result file")
-    parser.add_argument("overrides", nargs="*", help="skippipe key=value overrides (model, data, train, schedule)")
+    common.add_run_arguments(parser)
     return parser.parse_args(argv)
 
 
