@@ -39,7 +39,10 @@ def compare_methods(cfg) -> dict:
     from skippipe.schedule import allocate, build_cost, route
     from skippipe.simulate import simulate
 
+    from skippipe.schedule.bound import config_bound
+
     topology, _, cost = build_cost(cfg)
+    bound = config_bound(cfg, topology, cost)
     t0 = time.perf_counter()
     allocation = allocate(topology, cost, cfg)
     alloc_s = time.perf_counter() - t0
@@ -48,7 +51,7 @@ def compare_methods(cfg) -> dict:
         t1 = time.perf_counter()
         plan = route(allocation, topology, cost, cfg, method=method)
         route_s = time.perf_counter() - t1
-        plan.extra.update(route_time_s=route_s, allocation_time_s=alloc_s)
+        plan.extra.update(route_time_s=route_s, allocation_time_s=alloc_s, lower_bound=bound.to_dict())
         timeline = simulate(plan, cost, cfg.schedule.memory)
         out[method] = (plan, timeline, alloc_s + route_s)
     return out
@@ -58,9 +61,11 @@ def summary(results: dict) -> dict:
     full_s = results["full"][1].makespan_s
     methods = {}
     for method, (plan, timeline, plan_s) in results.items():
+        bound_s = plan.extra.get("lower_bound", {}).get("lower_bound_s")
         methods[method] = {
             "iteration_time_s": timeline.makespan_s,
             "reduction_vs_full": 1.0 - timeline.makespan_s / full_s if full_s > 0 else 0.0,
+            "gap_to_bound": timeline.makespan_s / bound_s if bound_s else None,
             "collisions": timeline.collisions,
             "mean_idle_fraction": timeline.mean_idle_fraction(),
             "plan_time_s": plan_s,
@@ -85,16 +90,21 @@ def run(args) -> int:
 
         draw_gantt(timeline, args.gantt, f"{cfg.run.name}: {plan.method}, {timeline.makespan_s:.1f} s")
     if args.json:
-        print(json.dumps({"config": config, "method": cfg.schedule.method,
-                          "allocation": plan.allocation, "methods": methods}, indent=1))
+        print(json.dumps({"config": config, "method": cfg.schedule.method, "allocation": plan.allocation,
+                          "lower_bound_s": plan.extra["lower_bound"]["lower_bound_s"],
+                          "lower_bound": plan.extra["lower_bound"], "methods": methods}, indent=1))
         return 0
-    print(f"{'method':<12} {'iter time s':>11} {'vs full':>8} {'collisions':>10} {'idle frac':>9} {'plan s':>7} "
-          f"{'route s':>7}")
+    print(f"{'method':<12} {'iter time s':>11} {'vs full':>8} {'vs bound':>8} {'collisions':>10} {'idle frac':>9} "
+          f"{'plan s':>7} {'route s':>7}")
     for method, row in methods.items():
         print(f"{method:<12} {row['iteration_time_s']:>11.1f} {-100 * row['reduction_vs_full']:>+7.1f}% "
+              f"{row['gap_to_bound']:>7.2f}x "
               f"{row['collisions']:>10d} {row['mean_idle_fraction']:>9.2f} {row['plan_time_s']:>7.2f} "
               f"{row['route_time_s']:>7.2f}")
     alloc_s = next(iter(methods.values()))["allocation_time_s"]
+    bound = plan.extra["lower_bound"]
+    print(f"lower bound {bound['lower_bound_s']:.1f} s (originators {bound['originators_s']:.1f}, "
+          f"visits {bound['visits_s']:.1f}, grad sync {bound['grad_sync_s']:.1f}); vs bound = iter time / bound")
     print(f"allocation (shared by all methods): {alloc_s:.2f} s; plan s = allocation + route s")
     if args.out:
         print(f"plan ({cfg.schedule.method}) written to {args.out}")

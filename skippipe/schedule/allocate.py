@@ -328,6 +328,22 @@ def _best_seed(scorer: _Scorer, cost_s: np.ndarray, sizes: List[int], rng: rando
     return best.copy()
 
 
+def memory_misfit(topology, cost, cfg, sizes: List[int]) -> np.ndarray:
+    """(node x stage) 1.0 where the node's memory cannot hold the stage (see module docstring)."""
+    need_bytes = np.array([cost.stage_memory_bytes(k, cfg.schedule.memory) for k in range(len(sizes))])
+    have_bytes = np.array([n.memory_gb * 2**30 for n in topology.nodes])
+    return (have_bytes[:, None] < need_bytes[None, :]).astype(np.float64)
+
+
+def align(allocation: List[List[str]], cost) -> List[List[str]]:
+    """The same stages with replicas ordered into DT-FM pipelines (``_align_replicas``)."""
+    names = [n for nodes in allocation for n in nodes]
+    index = {n: i for i, n in enumerate(names)}
+    cost_s = cost.transfer_matrix_s(names)
+    groups = [[index[n] for n in nodes] for nodes in allocation]
+    return [[names[i] for i in group] for group in _align_replicas(cost_s, groups)]
+
+
 def allocation_score(topology, cost, allocation: List[List[str]]) -> float:
     """The DT-FM score ``dp_cost + 2 * pp_cost`` of an allocation (for reports and tests)."""
     names = topology.names()

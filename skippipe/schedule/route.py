@@ -51,6 +51,7 @@ from skippipe.config import stages_visited as stages_visited_of
 from skippipe.cost import CachedCost
 from skippipe.errors import PlanError
 from skippipe.plan import MicrobatchRoute, PathRules, Plan, path_rule_violation
+from skippipe.schedule.allocate import align as aligned  # noqa: F401  (re-exported for coallocate)
 from skippipe.schedule.place import Reservations, place
 from skippipe.simulate import simulate
 
