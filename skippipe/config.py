@@ -89,6 +89,7 @@ class ScheduleConfig:
     seed: Optional[int] = None  # routing seed; None: run.seed
     search_budget_s: float = 300.0  # safety cap on the routing search (normally ends by its fixed attempt count)
     allocation_budget_s: float = 120.0  # safety cap on the allocation search (normally ends by its move count)
+    allocation: str = "auto"  # auto: judged by the routed plan for skippipe, DT-FM for the baselines; dtfm; plan
 
 
 @dataclass
@@ -382,6 +383,7 @@ def check_config(cfg: Config) -> None:
         cfg.verify.level = "off"
     _choice(cfg.launcher, LAUNCHERS, "launcher")
     _choice(cfg.schedule.method, METHODS, "schedule.method")
+    _choice(cfg.schedule.allocation, ("auto", "dtfm", "plan"), "schedule.allocation")
     _choice(cfg.verify.level, VERIFY_LEVELS, "verify.level")
     _choice(cfg.tracking.wandb.mode, WANDB_MODES, "tracking.wandb.mode")
     _choice(cfg.data.source, DATA_SOURCES, "data.source")

@@ -21,13 +21,13 @@ log = logging.getLogger(__name__)
 class Planner:
     def __init__(self, cfg, spec):
         from skippipe.cost import CostModel
-        from skippipe.schedule import LiveState, allocate
+        from skippipe.schedule import LiveState, allocation_for
         from skippipe.topology import load_topology
 
         self.cfg = cfg
         self.topology = load_topology(cfg)
         self.cost = CostModel.from_config(cfg, spec, self.topology)
-        self.allocation = allocate(self.topology, self.cost, cfg)
+        self.allocation = allocation_for(self.topology, self.cost, cfg)
         # the batch is fixed at the start: nodes that join stage 0 later share the same microbatches
         self.state = LiveState(microbatches=len(self.allocation[0]) * cfg.schedule.microbatches_per_originator)
         self.rules = PathRules.from_config(cfg.schedule)

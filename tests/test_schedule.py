@@ -85,7 +85,9 @@ def test_full_uses_aligned_replicas(geo):
 def test_full_pipeline_closing_link_is_chosen():
     # two pipelines; originator a is next to pipeline 0's last node, c next to pipeline 1's: the
     # closing link (last stage -> originator) decides, not the originators' order
-    from skippipe.schedule.route import _problem, full_pipelines
+    from skippipe.schedule import SchedulerParams
+    from skippipe.schedule.baselines import full_pipelines
+    from skippipe.schedule.problem import build_problem
     from skippipe.topology import Node, Topology
 
     topo = Topology(["x", "y"], [[1, 100], [100, 1]], [[10, 0.001], [0.001, 10]],
@@ -96,7 +98,8 @@ def test_full_pipeline_closing_link_is_chosen():
     from skippipe.model.presets import resolve_model_spec
 
     cost = CostModel.from_config(cfg, resolve_model_spec(cfg.model, vocab_size=256), topo)
-    prob = _problem([["a", "c"], ["b1", "b2"], ["d1", "d2"]], cost, cfg, LiveState(), "full")
+    prob = build_problem([["a", "c"], ["b1", "b2"], ["d1", "d2"]], cost, SchedulerParams.from_config(cfg),
+                         LiveState(), "full")
     pipes = full_pipelines(prob)
     assert pipes[0] == pipes[1] == ["b2", "d2"]  # a (region y) uses the pipeline in y
     assert pipes[2] == pipes[3] == ["b1", "d1"]

@@ -1,8 +1,11 @@
 """The central scheduler (SkipPipe arXiv 2502.19913; DESIGN.md sections 4-5): pure functions.
 
-``allocate`` puts nodes on stages (DT-FM objective), ``route`` gives every microbatch its path,
-start time and every node its action order, ``make_plan`` chains topology -> model spec -> cost
-model -> allocation -> routing for a config.
+``allocation_for`` puts nodes on stages: DT-FM's objective (``allocate``) for the baselines, and
+for ``skippipe`` the allocation whose routed plan is shortest (``coallocate.allocate_by_plan``);
+``route`` gives every microbatch its path, start time and every node its action order;
+``lower_bound`` (``bound``) is the limit plans are measured against; ``make_plan`` chains
+topology -> model spec -> cost model -> allocation -> routing for a config. Every function takes a
+:class:`SchedulerParams` (plain frozen data) or a Config.
 """
 
 from __future__ import annotations
@@ -10,9 +13,22 @@ from __future__ import annotations
 from typing import Optional
 
 from skippipe.schedule.allocate import allocate, allocation_score, partition_sizes
+from skippipe.schedule.bound import config_bound, lower_bound
+from skippipe.schedule.coallocate import allocate_by_plan
+from skippipe.schedule.params import SchedulerParams, as_params
 from skippipe.schedule.route import LiveState, route
 
-__all__ = ["allocate", "allocation_score", "partition_sizes", "LiveState", "route", "make_plan", "build_cost"]
+__all__ = ["allocate", "allocate_by_plan", "allocation_for", "allocation_score", "partition_sizes", "LiveState",
+           "route", "make_plan", "build_cost", "SchedulerParams", "as_params", "lower_bound", "config_bound"]
+
+
+def allocation_for(topology, cost, params, method: Optional[str] = None):
+    """The allocation ``method`` (default ``params.method``) plans on: ``schedule.allocation``
+    (``auto``: judged by the routed plan for ``skippipe``, DT-FM's for the baselines)."""
+    params = as_params(params)
+    if params.allocator(method or params.method) == "plan":
+        return allocate_by_plan(topology, cost, params)[0]
+    return allocate(topology, cost, params)
 
 
 def build_cost(cfg):
@@ -29,5 +45,5 @@ def build_cost(cfg):
 def make_plan(cfg, state: Optional[LiveState] = None, step: int = 0, method: Optional[str] = None):
     """Plan one iteration of ``cfg`` (allocation + routing) with the live ``state``."""
     topology, _, cost = build_cost(cfg)
-    allocation = allocate(topology, cost, cfg)
+    allocation = allocation_for(topology, cost, cfg, method)
     return route(allocation, topology, cost, cfg, state=state, step=step, method=method)

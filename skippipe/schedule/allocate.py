@@ -28,6 +28,7 @@ from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import maximum_bipartite_matching
 
 from skippipe.errors import ConfigError, TopologyError
+from skippipe.schedule.params import as_params
 from skippipe.schedule.tsp import best_tour
 
 log = logging.getLogger(__name__)
@@ -36,17 +37,18 @@ _MISFIT_PENALTY_S = 1e6
 _EXACT_MATCHING_MAX = 400  # n_i * n_j up to which the bottleneck matching is solved exactly
 
 
-def partition_sizes(cfg, num_nodes: int) -> List[int]:
-    """Replicas per stage: ``schedule.partition_sizes`` or an even split with extras on stage 0."""
-    from skippipe.config import num_stages
+def partition_sizes(params, num_nodes: int) -> List[int]:
+    """Replicas per stage: ``schedule.partition_sizes`` or an even split with extras on stage 0.
 
-    sizes = list(cfg.schedule.partition_sizes)
+    ``params``: a :class:`SchedulerParams` or a Config."""
+    params = as_params(params)
+    sizes = list(params.partition_sizes)
     if sizes:
         if sum(sizes) != num_nodes:
             raise ConfigError(f"schedule.partition_sizes={sizes} sums to {sum(sizes)} but the topology has "
                               f"{num_nodes} nodes; make them equal or set schedule.partition_sizes=[]")
         return sizes
-    stages = num_stages(cfg)
+    stages = params.num_stages
     if num_nodes < stages:
         raise ConfigError(f"{num_nodes} nodes < {stages} stages: every stage needs a node; "
                           "lower schedule.num_stages or add nodes")
@@ -277,25 +279,25 @@ def _align_replicas(cost_s: np.ndarray, groups: List[List[int]]) -> List[List[in
     return out
 
 
-def allocate(topology, cost, cfg, budget_s: Optional[float] = None) -> List[List[str]]:
+def allocate(topology, cost, params, budget_s: Optional[float] = None) -> List[List[str]]:
     """Node names per stage, stage 0 first, minimising the DT-FM score (DESIGN.md section 4).
 
     Deterministic in (topology, cost, config, seed): 12 greedy seeds, then a fixed number of swap
     attempts (``allocation_moves``). ``schedule.allocation_budget_s`` (or ``budget_s``) is only a
     safety cap on wall-clock time; hitting it logs a warning, as the result then depends on speed.
+    ``params``: a :class:`SchedulerParams` or a Config.
     """
+    params = as_params(params)
     names = topology.names()
-    sizes = partition_sizes(cfg, len(names))
+    sizes = partition_sizes(params, len(names))
     stages = len(sizes)
     cost_s = cost.transfer_matrix_s(names)
     weight_s = np.array([cost.fwd_s(n, min(1, stages - 1)) for n in names])
-    need_bytes = np.array([cost.stage_memory_bytes(k, cfg.schedule.memory) for k in range(stages)])
-    have_bytes = np.array([n.memory_gb * 2**30 for n in topology.nodes])
-    misfit = (have_bytes[:, None] < need_bytes[None, :]).astype(np.float64)
+    misfit = memory_misfit(topology, cost, params.memory, sizes)
     scorer = _Scorer(cost_s, weight_s, misfit, stages, node_classes(topology))
-    rng = random.Random(cfg.schedule.seed if cfg.schedule.seed is not None else cfg.run.seed)
+    rng = random.Random(params.seed)
     if budget_s is None:
-        budget_s = getattr(cfg.schedule, "allocation_budget_s", 120.0)
+        budget_s = params.allocation_budget_s
     deadline = time.perf_counter() + budget_s
     labels = _best_seed(scorer, cost_s, sizes, rng)
     labels, capped = _local_search(scorer, labels, rng, allocation_moves(len(names), stages), deadline)
@@ -328,9 +330,9 @@ def _best_seed(scorer: _Scorer, cost_s: np.ndarray, sizes: List[int], rng: rando
     return best.copy()
 
 
-def memory_misfit(topology, cost, cfg, sizes: List[int]) -> np.ndarray:
+def memory_misfit(topology, cost, memory: int, sizes: List[int]) -> np.ndarray:
     """(node x stage) 1.0 where the node's memory cannot hold the stage (see module docstring)."""
-    need_bytes = np.array([cost.stage_memory_bytes(k, cfg.schedule.memory) for k in range(len(sizes))])
+    need_bytes = np.array([cost.stage_memory_bytes(k, memory) for k in range(len(sizes))])
     have_bytes = np.array([n.memory_gb * 2**30 for n in topology.nodes])
     return (have_bytes[:, None] < need_bytes[None, :]).astype(np.float64)
 

@@ -156,14 +156,16 @@ def _allreduce_floor(cost, names: Sequence[str], replicas: int) -> float:
     return volume / best_bw + 2 * (replicas - 1) * (least_lat + cost.message_overhead_s)
 
 
-def config_bound(cfg, topology, cost, dead: Sequence[str] = (), slowdown: Optional[Dict[str, float]] = None) -> Bound:
-    """The bound of a config's problem: its live nodes, stage sizes, skip ratio, microbatches, memory."""
-    from skippipe.config import stages_visited
+def config_bound(params, topology, cost, dead: Sequence[str] = (), slowdown: Optional[Dict[str, float]] = None) -> Bound:
+    """The bound of a problem (``params``: a SchedulerParams or a Config): its live nodes, stage
+    sizes, skip ratio, microbatches and memory."""
     from skippipe.schedule.allocate import partition_sizes
+    from skippipe.schedule.params import as_params
 
+    params = as_params(params)
     names = topology.names()
-    sizes = partition_sizes(cfg, len(names))
+    sizes = partition_sizes(params, len(names))
     live = [n for n in names if n not in set(dead)]
-    visited = stages_visited(len(sizes), cfg.schedule.skip_ratio)
-    microbatches = sizes[0] * cfg.schedule.microbatches_per_originator
-    return lower_bound(cost, live, len(sizes), sizes[0], visited, microbatches, cfg.schedule.memory, slowdown)
+    microbatches = sizes[0] * params.microbatches_per_originator
+    return lower_bound(cost, live, len(sizes), sizes[0], params.stages_visited(len(sizes)), microbatches,
+                       params.memory, slowdown)

@@ -12,8 +12,9 @@ iteration time of a plan routed on it:
    region) get their stages from a weighted round robin (stage k appears ``size_k`` times, evenly
    spread), so any run of consecutive, nearby nodes holds distinct stages and stage 0 is spread
    over the regions.
-2. **Proxy score.** One greedy collision-aware construction (``route._place_collision_aware``,
-   narrow beam) on the reservation table; its makespan ranks candidates in milliseconds.
+2. **Proxy score.** The shorter of two constructions: one greedy collision-aware insertion
+   (``collide.place_collision_aware``, narrow beam) on the reservation table, and dedicated paths
+   (``collide.paths_dedicated``, one cycle per originator, simulated); milliseconds each.
 3. **Local search** on the best candidate: swaps of two nodes' stages (among a node's nearest
    nodes, so that a region's mix changes) and rotations of the stages of one whole region, kept
    when the proxy improves. The number of proxy evaluations is fixed by the problem size.
@@ -31,10 +32,17 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from skippipe.errors import PlanError
+from skippipe.schedule.allocate import align, allocate, memory_misfit, partition_sizes
+from skippipe.schedule.assemble import assemble
+from skippipe.schedule.collide import paths_dedicated, place_collision_aware
+from skippipe.schedule.params import as_params
+from skippipe.schedule.problem import LiveState, build_problem, insertion_order
+from skippipe.simulate import simulate
 
 log = logging.getLogger(__name__)
 
 Allocation = List[List[str]]
+_RANK_EFFORT = 0.3  # share of the routing search spent on ranking each finalist allocation
 
 
 def round_robin_labels(sizes: Sequence[int], count: int, offset: int = 0) -> List[int]:
@@ -178,37 +186,39 @@ def seeded(value: Optional[int]) -> random.Random:
     return random.Random(f"coallocate:{value}")
 
 
-def allocate_by_plan(topology, cost, cfg, dtfm: Optional[Allocation] = None):
+def allocate_by_plan(topology, cost, params, dtfm: Optional[Allocation] = None):
     """The allocation whose routed ``skippipe`` plan is shortest (module docstring).
 
-    Returns (allocation, plan, info): the plan is that allocation's full ``skippipe`` routing at
-    step 0 with no live state (what ``route`` returns for it), ``info`` the candidates' scores.
+    ``params``: a :class:`SchedulerParams` or a Config. Returns (allocation, plan, info): the plan
+    is that allocation's full ``skippipe`` routing at step 0 with no live state (what ``route``
+    returns for it), ``info`` the candidates' scores.
     """
-    from importlib import import_module
+    from skippipe.schedule.route import route
 
-    routing = import_module("skippipe.schedule.route")  # the package re-exports route(), the function
-    from skippipe.schedule.allocate import allocate, memory_misfit, partition_sizes
-
+    params = as_params(params)
     names = topology.names()
-    sizes = partition_sizes(cfg, len(names))
-    dtfm = dtfm if dtfm is not None else allocate(topology, cost, cfg)
+    sizes = partition_sizes(params, len(names))
+    dtfm = dtfm if dtfm is not None else allocate(topology, cost, params)
     if len(sizes) < 2:
-        return dtfm, routing.route(dtfm, topology, cost, cfg, method="skippipe"), {}
+        return dtfm, route(dtfm, topology, cost, params, method="skippipe"), {}
     link_s = cost.transfer_matrix_s(names)
     link_s = (link_s + link_s.T) / 2
-    misfit = memory_misfit(topology, cost, cfg, sizes)
-    seed = cfg.schedule.seed if cfg.schedule.seed is not None else cfg.run.seed
-    rng = seeded(seed)
-    state = routing.LiveState()
+    misfit = memory_misfit(topology, cost, params.memory, sizes)
+    rng = seeded(params.seed)
+    state = LiveState()
 
     def proxy(labels: np.ndarray) -> float:
-        prob = routing._problem(to_allocation(labels, names, len(sizes)), cost, cfg, state, "skippipe")
-        order = routing._insertion_order(prob, rng, 0)
-        _, _, res = routing._place_collision_aware(prob, random.Random(0), order, 4, 3)
-        return max(a[4] for a in res.actions)
+        prob = build_problem(to_allocation(labels, names, len(sizes)), cost, params, state, "skippipe")
+        _, _, res = place_collision_aware(prob, random.Random(0), insertion_order(prob, rng, 0), 4, 3)
+        value = max(a[4] for a in res.actions)
+        dedicated = paths_dedicated(prob, "worst")
+        if dedicated is not None:
+            value = min(value, simulate(assemble(prob, "skippipe", len(sizes), dedicated), prob.cost,
+                                        prob.memory, prob.slow, use_order=False).makespan_s)
+        return value
 
-    hops = max(1, routing.stages_visited_of(len(sizes), cfg.schedule.skip_ratio) - 1)
-    microbatches = sizes[0] * cfg.schedule.microbatches_per_originator
+    hops = max(1, params.stages_visited(len(sizes)) - 1)
+    microbatches = sizes[0] * params.microbatches_per_originator
     seeds = [("dtfm", to_labels(dtfm, names))] + candidate_labellings(topology, link_s, sizes, rng, starts=6)
     top = search(topology, link_s, sizes, seeds, proxy, misfit, rng,
                  proxy_evaluations(len(names), microbatches, hops), keep=2)
@@ -216,12 +226,15 @@ def allocate_by_plan(topology, cost, cfg, dtfm: Optional[Allocation] = None):
                                 if tag != "dtfm"]
     best = None
     info = {"proxy": {tag: round(score, 4) for score, tag, _ in top}, "routed": {}}
-    for tag, allocation in tried:
-        allocation = routing.aligned(allocation, cost)
-        plan = routing.route(allocation, topology, cost, cfg, method="skippipe")
+    for tag, allocation in tried:  # a shorter search ranks them; the winner gets the full one
+        allocation = align(allocation, cost)
+        plan = route(allocation, topology, cost, params, method="skippipe", effort_scale=_RANK_EFFORT)
         info["routed"][tag] = plan.predicted_makespan_s
         if best is None or plan.predicted_makespan_s < best[2].predicted_makespan_s - 1e-9:
             best = (tag, allocation, plan)
     info["chosen"] = best[0]
-    best[2].extra["allocation"] = info
-    return best[1], best[2], info
+    plan = route(best[1], topology, cost, params, method="skippipe")
+    if plan.predicted_makespan_s > best[2].predicted_makespan_s:  # the full search starts alike; keep the better
+        plan = best[2]
+    plan.extra["allocation"] = info
+    return best[1], plan, info

@@ -12,7 +12,7 @@ a TC1 count hands the nodes it takes to other microbatches of the wave (``_with_
 The same moves, scored by static path times instead of the simulator, make ``skippipe_nc``'s
 collision-blind repair. Moves are drawn from a generator seeded by (seed, step, method), half of
 them on the microbatches that finish last; the number of evaluations is fixed by the problem size
-(``route.search_effort``), so results never depend on machine speed. A deadline is only a safety
+(``problem.search_effort``), so results never depend on machine speed. A deadline is only a safety
 cap. Tried and dropped (no gain on geo20): simulated annealing, a backward-first dispatch policy,
 a static proxy for same-originator queueing.
 """
@@ -27,6 +27,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from skippipe.errors import PlanError
 from skippipe.plan import Plan, path_rule_violation
+from skippipe.schedule.problem import beam_path, capacity_for, rules_for
 from skippipe.simulate import simulate
 
 _SOFTMAX_S = 0.5  # temperature of the soft maximum over microbatch finish times (seconds)
@@ -50,14 +51,12 @@ class _State:
     """Paths, start times and the TC1 counts of a complete plan."""
 
     def __init__(self, prob, paths: Dict[int, List[str]], starts: Dict[int, float]):
-        from skippipe.schedule.route import _capacity
-
         self.prob = prob
         self.paths = {k: list(v) for k, v in paths.items()}
         self.starts = {mb: float(starts.get(mb, 0.0)) for mb, _, _ in prob.mbs}
         self.wave = {mb: w for mb, _, w in prob.mbs}
         self.orig = {mb: o for mb, o, _ in prob.mbs}
-        self.cap = _capacity(prob)
+        self.cap = capacity_for(prob)
         for mb, _, wave in prob.mbs:
             self.cap.add(wave, self.stages(self.paths[mb]), self.paths[mb])
         self.by_wave: Dict[int, List[int]] = {}
@@ -69,9 +68,7 @@ class _State:
 
     def legal(self, stages: Sequence[int]) -> bool:
         prob = self.prob
-        from skippipe.schedule.route import _rules_for
-
-        return path_rule_violation(stages, len(prob.live), prob.visited, _rules_for(prob)) is None
+        return path_rule_violation(stages, len(prob.live), prob.visited, rules_for(prob)) is None
 
     def capacity_ok(self, changes: Dict[int, List[str]]) -> bool:
         """Would replacing these paths keep every TC1 count within its limit?"""
@@ -142,14 +139,12 @@ def _with_ejections(state: _State, mb: int, new: List[str], rng: random.Random) 
 
 def _pool(prob, width: int) -> Dict[str, List[List[str]]]:
     """Per originator, its cheapest rule-abiding paths by static (collision-free) cost."""
-    from skippipe.schedule.route import _beam_path, _rules_for
-
-    rules = _rules_for(prob)
+    rules = rules_for(prob)
     out = {}
     for orig in prob.originators:
         def hop(prev, node, stage, t):
             return t + 2 * prob.transfer(prev, node) + prob.compute_s(node, stage, "F") + prob.compute_s(node, stage, "B")
-        found = _beam_path(prob, None, rules, orig, 0, 0.0, hop, width=width, replicas=max(3, width // 2))
+        found = beam_path(prob, None, rules, orig, 0, 0.0, hop, width=width, replicas=max(3, width // 2))
         out[orig] = [nodes for _, _, nodes in found]
     return out
 
@@ -168,8 +163,9 @@ def _simulated(prob, build):
                 ends[mb] = end
         # a soft maximum: moves that shorten the microbatches finishing near the end count even
         # when the single latest one does not move (the makespan alone is a plateau)
-        top = tl.makespan_s
-        soft = top + _SOFTMAX_S * math.log(sum(math.exp((e - top) / _SOFTMAX_S) for e in ends.values()))
+        # (relative to the latest finish, not the makespan: an all-reduce can end far later)
+        latest = max(ends.values())
+        soft = tl.makespan_s + _SOFTMAX_S * math.log(sum(math.exp((e - latest) / _SOFTMAX_S) for e in ends.values()))
         return (soft, sum(ends.values())), ends, (plan, tl)
     return evaluate
 
