@@ -18,13 +18,18 @@ def test_plan_json_has_all_methods(capsys):
         assert row["iteration_time_s"] > 0 and row["plan_time_s"] >= 0
     assert out["methods"]["full"]["stages_visited"] == 3
     assert out["methods"]["skippipe"]["stages_visited"] == 2
+    # the lower bound and each method's gap to it (issue 13)
+    assert out["lower_bound_s"] > 0
+    for row in out["methods"].values():
+        assert row["gap_to_bound"] == pytest.approx(row["iteration_time_s"] / out["lower_bound_s"])
+        assert row["gap_to_bound"] >= 1.0 - 1e-9
 
 
 def test_plan_table_out_and_simulate(tmp_path, capsys):
     out, png = tmp_path / "plan.json", tmp_path / "g.png"
     assert main(["plan", *SMALL, "--out", str(out), "--gantt", str(png)]) == 0
     table = capsys.readouterr().out
-    assert "skippipe_nc" in table and "vs full" in table
+    assert "skippipe_nc" in table and "vs full" in table and "lower bound" in table
     assert png.stat().st_size > 1000
     plan = Plan.load(out)
     assert plan.method == "skippipe" and plan.node_order
