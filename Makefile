@@ -7,7 +7,7 @@ TORCH   ?= torch==2.13.0
 export OMP_NUM_THREADS ?= 1
 export WANDB_SILENT ?= true
 
-.PHONY: install run test test-fast lint bench bench-plan bench-runtime bench-quality bench-fault bench-verify clean
+.PHONY: install run test test-fast lint bench bench-plan bench-plan-suite bench-runtime bench-quality bench-fault bench-verify clean
 
 install: $(STAMP)
 
@@ -31,10 +31,13 @@ test-fast: install
 lint: install
 	$(BIN)/ruff check skippipe tests bench launch
 
-bench: bench-plan bench-runtime bench-fault bench-verify bench-quality
+bench: bench-plan bench-plan-suite bench-runtime bench-fault bench-verify bench-quality
 
 bench-plan: install
 	$(BIN)/python bench/plan_bench.py
+
+bench-plan-suite: install
+	$(BIN)/python bench/plan_suite.py
 
 bench-runtime: install
 	$(BIN)/python bench/runtime_bench.py

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from skippipe.config import load_config
 from skippipe.cost import CostModel
 from skippipe.errors import PlanError
 from skippipe.model.presets import resolve_model_spec
@@ -15,7 +16,6 @@ from skippipe.plan import MicrobatchRoute, PathRules, Plan, path_rule_violation
 from skippipe.schedule import SchedulerParams, allocate_by_plan, config_bound, lower_bound
 from skippipe.simulate import simulate
 from skippipe.topology import Node, Topology
-from skippipe.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -219,7 +219,8 @@ def allocate_by_plan(topology, cost, params, dtfm: Optional[Allocation] = None):
 
     hops = max(1, params.stages_visited(len(sizes)) - 1)
     microbatches = sizes[0] * params.microbatches_per_originator
-    seeds = [("dtfm", to_labels(dtfm, names))] + candidate_labellings(topology, link_s, sizes, rng, starts=6)
+    starts = 6 if microbatches * hops <= 2000 else 1  # at scale each proxy call is a large placement
+    seeds = [("dtfm", to_labels(dtfm, names))] + candidate_labellings(topology, link_s, sizes, rng, starts)
     top = search(topology, link_s, sizes, seeds, proxy, misfit, rng,
                  proxy_evaluations(len(names), microbatches, hops), keep=2)
     tried = [("dtfm", dtfm)] + [(tag, to_allocation(labels, names, len(sizes))) for _, tag, labels in top
