@@ -148,10 +148,49 @@ def _capacity_bound(servers: List[tuple], count: int, demand: int) -> float:
 
 
 def _allreduce_floor(cost, names: Sequence[str], replicas: int) -> float:
-    """The ring all-reduce of stage 0 (``CostModel.allreduce_s``) over the fastest links anywhere."""
+    """The ring all-reduce of stage 0 (``CostModel.allreduce_s``: volume over the slowest link of
+    the group, plus latency over the worst) for the best group of ``replicas`` nodes anywhere.
+
+    A group spans a set of regions; its slowest link is at most the slowest link between two of
+    those regions (or the region's own link when it is one region), and its worst latency at
+    least the worst between two of them. Over every region set with enough nodes (12 regions: 4096
+    sets), the best of each is a bound; with more than 16 regions, the fastest link anywhere.
+    """
+    import itertools
+
     topo = cost.topology
-    best_bw = max(topo.bandwidth_bytes_per_s(a, b) for a in names for b in names if a != b)
-    least_lat = min(topo.latency_s(a, b) for a in names for b in names if a != b)
+    region_of = {n: topo.node(n).region for n in names}
+    regions = sorted(set(region_of.values()))
+    count = {r: sum(1 for n in names if region_of[n] == r) for r in regions}
+    rep = {r: next(n for n in names if region_of[n] == r) for r in regions}
+    mates = {r: [n for n in names if region_of[n] == r][:2] for r in regions}
+
+    def bw(a, b):
+        return topo.bandwidth_bytes_per_s(a, b)
+
+    def lat(a, b):
+        return topo.latency_s(a, b)
+
+    best_bw, least_lat = 0.0, float("inf")
+    if len(regions) > 16:
+        best_bw = max(bw(a, b) for a in names for b in names if a != b)
+        least_lat = min(lat(a, b) for a in names for b in names if a != b)
+    else:
+        for size in range(1, len(regions) + 1):
+            for group in itertools.combinations(regions, size):
+                if sum(count[r] for r in group) < replicas:
+                    continue
+                if size == 1:
+                    r = group[0]
+                    if count[r] < 2:
+                        continue
+                    a, b = mates[r]
+                    slowest, worst = bw(a, b), lat(a, b)
+                else:
+                    pairs = list(itertools.combinations(group, 2))
+                    slowest = min(bw(rep[x], rep[y]) for x, y in pairs)
+                    worst = max(lat(rep[x], rep[y]) for x, y in pairs)
+                best_bw, least_lat = max(best_bw, slowest), min(least_lat, worst)
     volume = 2.0 * (replicas - 1) / replicas * cost.stage_param_bytes(0)
     return volume / best_bw + 2 * (replicas - 1) * (least_lat + cost.message_overhead_s)
 
