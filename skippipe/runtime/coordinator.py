@@ -35,6 +35,9 @@ class StepOutcome:
     node_reports: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     leaves: Dict[str, str] = field(default_factory=dict)  # ledger leaves computed in-process
     checkpoint: List[dict] = field(default_factory=list)  # manifest entries of a requested checkpoint
+    # node -> {"step", "digests"}: state after the last committed update, reported with this step
+    # (also by survivors of failed attempts of it)
+    states: Dict[str, Dict[str, Any]] = field(default_factory=dict)
 
     @property
     def loss(self) -> float:

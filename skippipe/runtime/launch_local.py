@@ -84,6 +84,7 @@ def train_local(cfg: Config) -> Dict[str, Any]:
     nodes = load_topology(cfg).names()
     launcher = LocalLauncher(nodes, addr, store.port, cfg.run.threads)
     launcher.start()
+    train_local.last_launcher = launcher  # tests and the chaos bench reach the worker processes through this
     try:
         return Coordinator(cfg, lambda spec, num_stages: RemoteExecutor(cfg, control, len(nodes), launcher)).run()
     finally:

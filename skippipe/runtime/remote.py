@@ -61,6 +61,10 @@ class RemoteExecutor:
         self.restore: Dict[int, str] = {}  # stage -> checkpoint directory its new replica loads
         self.failed_joins: Dict[str, str] = {}  # node -> why its worker never joined
         self.added: List[Dict[str, Any]] = []  # nodes added to the running job: name, region, speed, ...
+        # state digests of the last committed step ride on the next command's reports; a command that
+        # fails still carried them (survivors report them with their error), so they are kept for
+        # the ledger until a command succeeds
+        self.carried_states: Dict[str, Dict[str, Any]] = {}
         self.finished = False
 
     def start(self, nodes: List[str], vocab_size: int) -> None:
@@ -93,7 +97,9 @@ class RemoteExecutor:
                                      "added": self.added})
         self.command_index += 1
         reports, dead = self._gather(index)
+        self.carried_states.update({n: r["state"] for n, r in reports.items() if r.get("state")})
         self._raise_on_failure(reports, dead)
+        states, self.carried_states = self.carried_states, {}
         self.load_dir = None
         self.commit_step, self.sync, self.rebuild, self.restore = step, {}, {}, {}
         losses = {int(k): v for r in reports.values() for k, v in r["losses"].items()}
@@ -101,7 +107,7 @@ class RemoteExecutor:
         if missing:
             raise WorkerFailed(f"step {step}: no loss came back for microbatches {missing}")
         norm = next(iter(reports.values()))["grad_norm"]
-        return StepOutcome(losses, norm, dict(reports))
+        return StepOutcome(losses, norm, dict(reports), states=states)
 
     def _gather(self, index: int):
         """Reports from every member, or the members found dead while waiting."""

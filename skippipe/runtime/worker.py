@@ -261,12 +261,14 @@ class Worker:
         report, self.state_report = self.state_report, None
         return report
 
-    def save_checkpoint(self, plan: Optional[Plan], step: int, directory: str) -> Optional[Dict[str, Any]]:
+    def save_checkpoint(self, plan: Optional[Plan], step: int, directory: str,
+                        members: List[str]) -> Optional[Dict[str, Any]]:
         """The first live replica of each stage writes ``stage<k>.pt`` (tensors only) and returns its
-        manifest entry: a digest per tensor, tagged by the tensor's name, as in the ledger."""
+        manifest entry: a digest per tensor, tagged by the tensor's name, as in the ledger.
+        ``members``: the command's (after a failure, the dead replica is no longer the first)."""
         if self.stage is None or plan is None:
             return None
-        live = [n for n in plan.allocation[self.stage_id] if n in self.rank_of]
+        live = [n for n in plan.allocation[self.stage_id] if n in members]
         if not live or live[0] != self.me:
             return None
         from pathlib import Path
@@ -522,7 +524,7 @@ def serve(env: WorkerEnv, control: ControlChannel, namespace: str = "") -> None:
                 worker.commit(command.get("commit_step"))
                 ckpt = command.get("checkpoint")
                 extra = {"state": worker.take_state_report(),
-                         "ckpt": worker.save_checkpoint(plan, ckpt["step"], ckpt["dir"]) if ckpt else None}
+                         "ckpt": worker.save_checkpoint(plan, ckpt["step"], ckpt["dir"], command["members"]) if ckpt else None}
                 if command.get("stop"):
                     if plan is not None and command.get("save_dir"):
                         worker.save_final(plan, command["save_dir"])
