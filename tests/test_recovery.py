@@ -15,7 +15,10 @@ import pytest
 from skippipe.cli import main
 from skippipe.config import load_config
 
-from tests.test_runtime import SMALL
+# a small, fast model on the tiny topology (as in test_runtime.py)
+SMALL = ["model.dim=64", "model.n_heads=2", "model.ffn_dim=128", "model.seq_len=32", "train.samples_per_microbatch=2",
+         "data.max_corpus_mb=1", "train.eval_batches=2", "tracking.wandb.mode=disabled", "tracking.progress=false",
+         "runtime.timeout_s=30", "cost.emulate_links=false"]
 
 RUN = ["configs/tiny.yaml", *SMALL, "launcher=local"]
 

@@ -217,18 +217,22 @@ class Coordinator:
         from skippipe.model.presets import resolve_model_spec
         from skippipe.planner import Planner
         from skippipe.routelog import RouteLog
+        from skippipe.runtime import rundir
 
         cfg = self.cfg
         out = run_dir(cfg)
-        out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / "config.yaml", to_yaml(cfg))
+        # validate first (run dir, resume point, ledger, config, plan), write after: a refused
+        # command leaves the run directory byte-identical
+        resume_step = rundir.prepare(cfg, self._header_extra())
         data = load_data(cfg.data)
         spec = resolve_model_spec(cfg.model, vocab_size=data.vocab_size)
         planner = Planner(cfg, spec)
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "config.yaml", to_yaml(cfg))
         planner.topology.save(out / "topology.yaml")  # the run's own copy; nodes that join are added
         executor = self.make_executor(spec, len(planner.allocation))
         executor.start([n.name for n in planner.topology.nodes], data.vocab_size)
-        self.first_step = self._resume(out, executor)
+        self.first_step = self._resume(out, executor, resume_step)
         appending = self.first_step > 0
         metrics, routes = MetricsLogger(out, cfg, append=appending), RouteLog(out, append=appending)
         self.recorder = RunRecorder(cfg, out, self._header_extra(),
@@ -252,13 +256,13 @@ class Coordinator:
 
         return {"threads": self.cfg.run.threads, "device": resolve_device(self.cfg.train.device)}
 
-    def _resume(self, out: Path, executor) -> int:
-        """``run.resume``: continue after the newest verified checkpoint (0: start fresh)."""
+    def _resume(self, out: Path, executor, step: Optional[int]) -> int:
+        """``run.resume``: continue after the newest verified checkpoint ``step`` (checked by
+        :func:`skippipe.runtime.rundir.prepare`; 0: start fresh)."""
         if not self.cfg.run.resume:
             return 0
-        from skippipe.runtime.recorder import find_resume_point, truncate_jsonl
+        from skippipe.runtime.recorder import truncate_jsonl
 
-        step = find_resume_point(out)
         if step is None:
             log.warning("run.resume: no checkpoint under %s; starting from step 0", out / "ckpt")
             return 0
