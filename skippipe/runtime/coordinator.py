@@ -310,7 +310,8 @@ class Coordinator:
                       "time/plan_s": planner.last_plan_s, "throughput/tokens_per_s": step_tokens / iter_s,
                       **route_stats(plan), **measured_stats(outcome, plan, iter_s),
                       **cluster_stats(planner, plan, monitor.generation, monitor.reroutes, chain=recorder.chain),
-                      **monitor.metrics()}
+                      **monitor.metrics(),
+                      **({"control/rejected": executor.rejected()} if hasattr(executor, "rejected") else {})}
             metrics.log(record)
             routes.record(step, plan, generation=monitor.generation, timings={n: {k: r[k] for k in ("compute_s", "recv_wait_s", "step_s")}
                                                for n, r in outcome.node_reports.items()} or None)
@@ -332,6 +333,11 @@ class Coordinator:
                    "loss/train": record.get("loss/train"), "time/wall_s": time.perf_counter() - start,
                    "tokens": tokens, "route/reroutes": monitor.reroutes,
                    **({"verify/chain": recorder.chain[:12]} if recorder.chain else {})}
+        if hasattr(executor, "rejected"):
+            summary["control/rejected"] = executor.rejected()
+            if summary["control/rejected"]:
+                log.warning("control: %d forged or replayed control values were ignored (control/rejected)",
+                            summary["control/rejected"])
         metrics.log(summary)
         metrics.summary(summary)
         metrics.log_run_outputs(out, step=cfg.train.steps)  # plots/*.png, checkpoint manifests (wandb)
