@@ -7,7 +7,7 @@ TORCH   ?= torch==2.13.0
 export OMP_NUM_THREADS ?= 1
 export WANDB_SILENT ?= true
 
-.PHONY: install run test test-fast lint bench bench-plan bench-plan-suite bench-runtime bench-quality bench-fault bench-verify clean
+.PHONY: install run test test-fast lint bench bench-plan bench-plan-suite bench-runtime bench-quality bench-fault bench-verify bench-chaos clean
 
 install: $(STAMP)
 
@@ -50,6 +50,10 @@ bench-verify: install
 
 bench-quality: install
 	$(BIN)/python bench/quality_study.py
+
+# not part of `make bench` or CI (tests/test_chaos.py runs its short version)
+bench-chaos: install
+	$(BIN)/python bench/chaos.py
 
 clean:
 	rm -rf runs wandb .pytest_cache

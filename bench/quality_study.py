@@ -77,6 +77,7 @@ COMMON = [
     "schedule.memory=2", "schedule.replan_every=0",
     f"topology.generate={{count: {sum(PARTITION)}, placement: single}}",
     "tracking.wandb.mode=disabled", "tracking.progress=false", "verify.level='off'",
+    "run.overwrite=true",  # a rerun of the study replaces its runs
 ]
 KEEP_FRACTIONS = (0.75, 0.5)
 

@@ -42,6 +42,11 @@ def main(argv) -> int:
     logging.basicConfig(level=logging.INFO if env.rank == 0 else logging.WARNING,
                         format="%(message)s" if env.rank == 0 else f"[rank {env.rank}] %(levelname)s %(message)s")
     pin_threads(cfg.run.threads)
+    if not os.environ.get("SKIPPIPE_CONTROL_SECRET"):
+        # torchrun starts every rank itself, so no rank can hand the others a fresh secret; set
+        # SKIPPIPE_CONTROL_SECRET (the same on every rank) for a private channel. The run id is a
+        # shared fallback: it authenticates against stray writers, not against someone who knows it.
+        os.environ["SKIPPIPE_CONTROL_SECRET"] = "run-id:" + os.environ.get("TORCHELASTIC_RUN_ID", "none")
     timeout = cfg.runtime.timeout_s
     namespace = f"/restart{restart}"
     hosted = None

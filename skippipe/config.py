@@ -119,6 +119,7 @@ class RunConfig:
     dir: Optional[str] = None  # output directory; None: runs/<name>
     seed: int = 0
     resume: bool = False
+    overwrite: bool = False  # a new run over an existing one in run.dir: remove its outputs first
     log_level: str = "info"
     threads: int = 1  # torch threads per rank; bitwise determinism holds at a fixed count
 
@@ -390,6 +391,11 @@ def check_config(cfg: Config) -> None:
     _choice(cfg.data.tokenizer, TOKENIZERS, "data.tokenizer")
     _choice(cfg.fault.corrupt.tensor, ("param", "grad", "act", "op"), "fault.corrupt.tensor")
     _choice(cfg.fault.rebuild, ("init", "checkpoint", "checkfree"), "fault.rebuild")
+    _finite_positive(cfg.train.lr, "train.lr", "e.g. train.lr=3e-3")
+    if not (math.isfinite(cfg.fault.heartbeat_s) and cfg.fault.heartbeat_s > 0):
+        raise ConfigError(f"fault.heartbeat_s={cfg.fault.heartbeat_s} must be a number of seconds > 0, e.g. 2.0")
+    if cfg.run.resume and cfg.run.overwrite:
+        raise ConfigError("run.resume=true and run.overwrite=true contradict each other; pass one of them")
     if cfg.train.steps < 0:
         raise ConfigError(f"train.steps={cfg.train.steps} must be >= 0")
     _positive(cfg.train.samples_per_microbatch, "train.samples_per_microbatch")
@@ -432,6 +438,7 @@ def check_config(cfg: Config) -> None:
         raise ConfigError(f"fault.probe_after={cfg.fault.probe_after} must be >= 0 (0: never try a slow node again)")
     if cfg.fault.slow_until is not None and cfg.fault.slow_until < 0:
         raise ConfigError(f"fault.slow_until={cfg.fault.slow_until} must be a step >= 0, or null for always")
+    _check_fault_nodes(cfg)
     if (cfg.fault.kill.step is None) != (cfg.fault.kill.node is None):
         raise ConfigError("fault.kill needs both step and node, e.g. fault.kill.step=5 fault.kill.node=n2")
     if (cfg.fault.error.step is None) != (cfg.fault.error.node is None):
@@ -442,6 +449,26 @@ def check_config(cfg: Config) -> None:
         raise ConfigError(f"run.threads={cfg.run.threads} must be >= 1")
     if cfg.run.name is not None and not re.fullmatch(r"[A-Za-z0-9._-]+", cfg.run.name):
         raise ConfigError(f"run.name={cfg.run.name!r} may hold only letters, digits, '.', '_' and '-'")
+
+
+def _finite_positive(value, key: str, fix: str) -> None:
+    if value is None or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{key}={value} must be a finite number > 0; {fix}")
+
+
+def _check_fault_nodes(cfg: Config) -> None:
+    """Injected faults must name nodes of the topology (a typo would silently inject nothing)."""
+    named = {f"fault.{kind}.node": getattr(cfg.fault, kind).node for kind in ("kill", "error", "corrupt")}
+    named.update({f"fault.slow_nodes.{n}": n for n in cfg.fault.slow_nodes})
+    named = {k: v for k, v in named.items() if v is not None}
+    if not named:
+        return
+    from skippipe.topology import load_topology
+
+    nodes = load_topology(cfg).names()
+    for key, node in named.items():
+        if node not in nodes:
+            raise ConfigError(f"{key}={node}: no such node in the topology; nodes are {', '.join(nodes)}")
 
 
 def _check_data_path(path: Optional[str], key: str) -> None:

@@ -13,6 +13,7 @@ File format ``skippipe.plan.v1`` (JSON): see :meth:`Plan.to_json`.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -177,6 +178,14 @@ def check_plan(plan: Plan, rules: PathRules, dead: Sequence[str] = ()) -> None:
     stage_of = plan.stage_of()
     if len(stage_of) != sum(len(n) for n in plan.allocation):
         raise PlanError("plan: a node appears in more than one stage of the allocation")
+    if not plan.microbatches:
+        raise PlanError("plan: 'microbatches' is empty; a plan routes at least one microbatch")
+    if plan.num_stages >= 2 and plan.stages_visited < 2:
+        raise PlanError(f"plan: stages_visited={plan.stages_visited}: a microbatch visits stage 0 and at least "
+                        "one more stage (rule 1)")
+    bad_start = next((mb for mb in plan.microbatches if not (math.isfinite(mb.start_s) and mb.start_s >= 0)), None)
+    if bad_start is not None:
+        raise PlanError(f"plan: microbatch {bad_start.id}: start_s={bad_start.start_s} must be a finite time >= 0")
     ids = [mb.id for mb in plan.microbatches]
     if sorted(ids) != list(range(len(ids))):
         raise PlanError("plan: microbatch ids must be 0..M-1, each once")

@@ -95,6 +95,9 @@ def test_ray_kill_nonzero_stage_actor_is_routed_around(ray_cluster, tmp_path):
     assert all(i == ids[0] for i in ids)  # no duplicated or missing microbatch
     after = [r for r in routes(tmp_path) if r["generation"] == 1]
     assert after and all(victim not in mb["path"] for r in after for mb in r["plan"]["microbatches"])
+    from skippipe.cli import main
+
+    assert main(["verify", str(tmp_path)]) == 0  # the recovered run verifies by full replay
 
 
 def test_stage_losing_all_replicas_is_skipped_then_restored(ray_cluster, tmp_path):

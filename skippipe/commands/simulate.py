@@ -29,6 +29,13 @@ def run(args) -> int:
         config, overrides = None, [config, *overrides]
     plan = Plan.load(args.plan)
     cfg = load_config(config, overrides)
+    from skippipe.config import stages_visited
+
+    least = stages_visited(plan.num_stages, cfg.schedule.skip_ratio)
+    if plan.microbatches and 2 <= plan.stages_visited < least:  # (1 and an empty plan: check_plan says why)
+        raise PlanError(f"{args.plan}: stages_visited={plan.stages_visited} < {least}, what "
+                        f"schedule.skip_ratio={cfg.schedule.skip_ratio} allows for {plan.num_stages} stages; "
+                        "pass the config the plan was made for")
     check_plan(plan, PathRules.from_config(cfg.schedule))
     topology, _, cost = build_cost(cfg)
     missing = [n for n in plan.nodes() if n not in topology]

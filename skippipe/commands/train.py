@@ -24,6 +24,9 @@ def run(args) -> int:
 
     config, overrides = split_config_and_overrides(args)
     cfg = load_config(config, overrides)
+    from skippipe.runtime.rundir import check_run_dir
+
+    check_run_dir(cfg)  # before any worker starts; the coordinator validates the rest before writing
     if cfg.launcher == "inprocess":
         from skippipe.train.loop import train_inprocess
 

@@ -9,43 +9,120 @@ Keys (under the prefix ``skippipe/``):
 ``config`` -> {config, nodes, vocab_size}; ``first/<node>`` -> the first command index a node reads;
 ``cmd/<i>`` -> {step, generation, members, lr, plan, commit_step, sync} or {stop} or {abort};
 ``report/<i>/<node>`` -> a worker's report or error; ``hb/<node>`` -> time of its last heartbeat.
+
+Privacy and authentication: the coordinator's store listens on one address (127.0.0.1 on one
+box; a socket we bind and hand to the TCPStore, which alone would listen on every interface).
+Every value is an envelope ``{"b": body, "m": HMAC-SHA256(secret, body)}`` whose body names its key
+and carries the writer's time in ns, so a value is accepted only under the key it was written for
+and never older than the last one accepted there (an old heartbeat replayed is refused). The per-run
+secret is made by the coordinator and reaches workers through the environment
+(``SKIPPIPE_CONTROL_SECRET``) or the Ray actor's environment; it is never logged. A value that fails
+these checks is ignored (as if absent), counted (``control/rejected``) and logged once per key.
+What authentication cannot stop on a shared store is deleting or overwriting keys (denial of
+service), and gloo's own rendezvous keys (``pg/...``) are gloo's; binding to loopback limits
+both to processes on this machine.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
+import logging
+import os
+import secrets
+import socket
 import time
 from datetime import timedelta
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Set
 
 import torch.distributed as dist
 
 PREFIX = "skippipe"
+SECRET_ENV = "SKIPPIPE_CONTROL_SECRET"
+log = logging.getLogger("skippipe")
+_LISTENERS: Dict[int, socket.socket] = {}  # port -> the socket a server store listens on (kept open)
+
+
+def new_secret() -> str:
+    return secrets.token_hex(32)
 
 
 def connect_store(host: str, port: int, is_master: bool, timeout_s: float) -> dist.TCPStore:
-    """A TCPStore server (coordinator side) or client (workers). Port 0 picks a free port."""
-    return dist.TCPStore(host, port, world_size=None, is_master=is_master, timeout=timedelta(seconds=timeout_s),
-                         wait_for_workers=False)
+    """A TCPStore server (coordinator side) or client (workers). Port 0 picks a free port. The
+    server listens on ``host`` only: on a socket bound here and passed as ``master_listen_fd``."""
+    timeout = timedelta(seconds=timeout_s)
+    if not is_master:
+        return dist.TCPStore(host, port, world_size=None, is_master=False, timeout=timeout, wait_for_workers=False)
+    listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((host, port))
+    listener.listen(1024)
+    store = dist.TCPStore(host, listener.getsockname()[1], world_size=None, is_master=True, timeout=timeout,
+                          wait_for_workers=False, master_listen_fd=listener.fileno())
+    _LISTENERS[store.port] = listener
+    return store
 
 
 class ControlChannel:
-    """``namespace`` separates attempts that share one store (torchrun restarts reuse the agent's)."""
+    """``namespace`` separates attempts that share one store (torchrun restarts reuse the agent's).
+    ``secret``: the run's key for message authentication (default: ``$SKIPPIPE_CONTROL_SECRET``)."""
 
-    def __init__(self, store: dist.Store, timeout_s: float, namespace: str = ""):
+    def __init__(self, store: dist.Store, timeout_s: float, namespace: str = "", secret: Optional[str] = None):
         self.raw = dist.PrefixStore(f"{PREFIX}{namespace}", store)
         self.store = self.raw
         self.timeout_s = timeout_s
+        secret = secret if secret is not None else os.environ.get(SECRET_ENV)
+        if not secret:
+            raise RuntimeError(f"control: no secret ({SECRET_ENV} is not set); start workers through a "
+                               "SkipPipe launcher")
+        self._key = secret.encode()
+        self.rejected = 0
+        self._seen_bad: Set[str] = set()
+        self._latest: Dict[str, int] = {}
 
     # -- generic ------------------------------------------------------------------------------
     def put(self, key: str, value: Any) -> None:
-        self.store.set(key, json.dumps(value))
+        body = json.dumps({"k": key, "n": time.time_ns(), "v": value})
+        mac = hmac.new(self._key, body.encode(), hashlib.sha256).hexdigest()
+        self.store.set(key, json.dumps({"b": body, "m": mac}))
+
+    def read(self, key: str) -> Optional[Any]:
+        """The value at ``key``, or None when absent or not authentic (then counted and logged)."""
+        if not self.store.check([key]):
+            return None
+        raw = self.store.get(key)
+        try:
+            envelope = json.loads(raw)
+            body, mac = envelope["b"], envelope["m"]
+            good = hmac.compare_digest(hmac.new(self._key, body.encode(), hashlib.sha256).hexdigest(), mac)
+            message = json.loads(body) if good else None
+        except (ValueError, TypeError, KeyError, AttributeError):
+            message = None
+        if message is None or message.get("k") != key or int(message.get("n", -1)) < self._latest.get(key, -1):
+            self._reject(key, raw)
+            return None
+        self._latest[key] = int(message["n"])
+        return message["v"]
+
+    def _reject(self, key: str, raw: bytes) -> None:
+        fingerprint = key + hashlib.sha256(raw).hexdigest()
+        if fingerprint in self._seen_bad:  # the same forged value read again
+            return
+        self._seen_bad.add(fingerprint)
+        self.rejected += 1
+        if self.rejected <= 20 or self.rejected % 100 == 0:
+            log.warning("control: ignored an unauthenticated or replayed value at '%s' (%d rejected so far)",
+                        key, self.rejected)
 
     def has(self, key: str) -> bool:
-        return self.store.check([key])
+        return self.read(key) is not None
 
     def get_now(self, key: str) -> Any:
-        return json.loads(self.store.get(key))
+        value = self.read(key)
+        if value is None:
+            raise KeyError(f"control: no authentic value at '{key}'")
+        return value
 
     def wait_for(self, key: str, timeout_s: Optional[float] = None, abort=None, chunk_s: float = 5.0) -> Any:
         """Wait for ``key`` (blocking in the store server, so it wakes as soon as the key is set),
@@ -57,7 +134,10 @@ class ControlChannel:
         while True:
             try:
                 self.store.wait([key], timedelta(seconds=max(0.001, min(chunk_s, deadline - time.monotonic()))))
-                return self.get_now(key)
+                value = self.read(key)
+                if value is not None:
+                    return value
+                time.sleep(0.01)  # a forged value sits there: wait for the authentic one
             except RuntimeError as err:  # the store's wait timed out (or the store is gone)
                 if "timeout" not in str(err).lower() and "timed out" not in str(err).lower():
                     raise

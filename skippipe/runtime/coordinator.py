@@ -35,6 +35,9 @@ class StepOutcome:
     node_reports: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     leaves: Dict[str, str] = field(default_factory=dict)  # ledger leaves computed in-process
     checkpoint: List[dict] = field(default_factory=list)  # manifest entries of a requested checkpoint
+    # node -> {"step", "digests"}: state after the last committed update, reported with this step
+    # (also by survivors of failed attempts of it)
+    states: Dict[str, Dict[str, Any]] = field(default_factory=dict)
 
     @property
     def loss(self) -> float:
@@ -214,18 +217,22 @@ class Coordinator:
         from skippipe.model.presets import resolve_model_spec
         from skippipe.planner import Planner
         from skippipe.routelog import RouteLog
+        from skippipe.runtime import rundir
 
         cfg = self.cfg
         out = run_dir(cfg)
-        out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / "config.yaml", to_yaml(cfg))
+        # validate first (run dir, resume point, ledger, config, plan), write after: a refused
+        # command leaves the run directory byte-identical
+        resume_step = rundir.prepare(cfg, self._header_extra())
         data = load_data(cfg.data)
         spec = resolve_model_spec(cfg.model, vocab_size=data.vocab_size)
         planner = Planner(cfg, spec)
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "config.yaml", to_yaml(cfg))
         planner.topology.save(out / "topology.yaml")  # the run's own copy; nodes that join are added
         executor = self.make_executor(spec, len(planner.allocation))
         executor.start([n.name for n in planner.topology.nodes], data.vocab_size)
-        self.first_step = self._resume(out, executor)
+        self.first_step = self._resume(out, executor, resume_step)
         appending = self.first_step > 0
         metrics, routes = MetricsLogger(out, cfg, append=appending), RouteLog(out, append=appending)
         self.recorder = RunRecorder(cfg, out, self._header_extra(),
@@ -249,13 +256,13 @@ class Coordinator:
 
         return {"threads": self.cfg.run.threads, "device": resolve_device(self.cfg.train.device)}
 
-    def _resume(self, out: Path, executor) -> int:
-        """``run.resume``: continue after the newest verified checkpoint (0: start fresh)."""
+    def _resume(self, out: Path, executor, step: Optional[int]) -> int:
+        """``run.resume``: continue after the newest verified checkpoint ``step`` (checked by
+        :func:`skippipe.runtime.rundir.prepare`; 0: start fresh)."""
         if not self.cfg.run.resume:
             return 0
-        from skippipe.runtime.recorder import find_resume_point, truncate_jsonl
+        from skippipe.runtime.recorder import truncate_jsonl
 
-        step = find_resume_point(out)
         if step is None:
             log.warning("run.resume: no checkpoint under %s; starting from step 0", out / "ckpt")
             return 0
@@ -303,7 +310,8 @@ class Coordinator:
                       "time/plan_s": planner.last_plan_s, "throughput/tokens_per_s": step_tokens / iter_s,
                       **route_stats(plan), **measured_stats(outcome, plan, iter_s),
                       **cluster_stats(planner, plan, monitor.generation, monitor.reroutes, chain=recorder.chain),
-                      **monitor.metrics()}
+                      **monitor.metrics(),
+                      **({"control/rejected": executor.rejected()} if hasattr(executor, "rejected") else {})}
             metrics.log(record)
             routes.record(step, plan, generation=monitor.generation, timings={n: {k: r[k] for k in ("compute_s", "recv_wait_s", "step_s")}
                                                for n, r in outcome.node_reports.items()} or None)
@@ -325,6 +333,11 @@ class Coordinator:
                    "loss/train": record.get("loss/train"), "time/wall_s": time.perf_counter() - start,
                    "tokens": tokens, "route/reroutes": monitor.reroutes,
                    **({"verify/chain": recorder.chain[:12]} if recorder.chain else {})}
+        if hasattr(executor, "rejected"):
+            summary["control/rejected"] = executor.rejected()
+            if summary["control/rejected"]:
+                log.warning("control: %d forged or replayed control values were ignored (control/rejected)",
+                            summary["control/rejected"])
         metrics.log(summary)
         metrics.summary(summary)
         metrics.log_run_outputs(out, step=cfg.train.steps)  # plots/*.png, checkpoint manifests (wandb)

@@ -16,26 +16,28 @@ log = logging.getLogger("skippipe")
 
 
 def worker_env(rank: int, world_size: int, addr: str, port: int, threads: int, node: str,
-               incarnation: int = 0) -> Dict[str, str]:
-    """The torchrun environment contract, so one worker code path serves every launcher."""
+               incarnation: int = 0, secret: str = "") -> Dict[str, str]:
+    """The torchrun environment contract, so one worker code path serves every launcher (plus the
+    node's name and the control channel's secret)."""
     env = dict(os.environ)
     env.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
                 "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": addr, "MASTER_PORT": str(port),
                 "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "SKIPPIPE_NODE": node,
-                "SKIPPIPE_INCARNATION": str(incarnation)})
+                "SKIPPIPE_INCARNATION": str(incarnation), "SKIPPIPE_CONTROL_SECRET": secret})
     return env
 
 
 class LocalLauncher:
     """One worker process per node on this machine; watches and replaces them."""
 
-    def __init__(self, nodes: List[str], addr: str, port: int, threads: int):
+    def __init__(self, nodes: List[str], addr: str, port: int, threads: int, secret: str):
         self.nodes, self.addr, self.port, self.threads = list(nodes), addr, port, threads
+        self.secret = secret
         self.procs: Dict[str, subprocess.Popen] = {}
 
     def _spawn(self, node: str, incarnation: int) -> None:
         rank = self.nodes.index(node)
-        env = worker_env(rank, len(self.nodes), self.addr, self.port, self.threads, node, incarnation)
+        env = worker_env(rank, len(self.nodes), self.addr, self.port, self.threads, node, incarnation, self.secret)
         self.procs[node] = subprocess.Popen([sys.executable, "-m", "skippipe.runtime.worker"], env=env)
 
     def start(self) -> None:
@@ -71,7 +73,7 @@ class LocalLauncher:
 
 
 def train_local(cfg: Config) -> Dict[str, Any]:
-    from skippipe.runtime.control import ControlChannel, connect_store
+    from skippipe.runtime.control import ControlChannel, connect_store, new_secret
     from skippipe.runtime.coordinator import Coordinator
     from skippipe.runtime.remote import RemoteExecutor
     from skippipe.topology import load_topology
@@ -80,10 +82,12 @@ def train_local(cfg: Config) -> Dict[str, Any]:
     pin_threads(cfg.run.threads)
     addr = cfg.runtime.master_addr
     store = connect_store(addr, cfg.runtime.master_port or 0, True, cfg.runtime.timeout_s)
-    control = ControlChannel(store, cfg.runtime.timeout_s)
+    secret = new_secret()
+    control = ControlChannel(store, cfg.runtime.timeout_s, secret=secret)
     nodes = load_topology(cfg).names()
-    launcher = LocalLauncher(nodes, addr, store.port, cfg.run.threads)
+    launcher = LocalLauncher(nodes, addr, store.port, cfg.run.threads, secret)
     launcher.start()
+    train_local.last_launcher = launcher  # tests and the chaos bench reach the worker processes through this
     try:
         return Coordinator(cfg, lambda spec, num_stages: RemoteExecutor(cfg, control, len(nodes), launcher)).run()
     finally:

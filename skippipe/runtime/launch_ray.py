@@ -50,11 +50,12 @@ class WorkerActor:
 class RayLauncher:
     """Creates, watches, replaces and removes the worker actors."""
 
-    def __init__(self, cfg: Config, nodes: List[str], addr: str, port: int):
+    def __init__(self, cfg: Config, nodes: List[str], addr: str, port: int, secret: str):
         import ray
         from ray.util.placement_group import placement_group
 
         self.cfg, self.nodes, self.addr, self.port = cfg, list(nodes), addr, port
+        self.secret = secret  # the control channel's key, handed to each actor's environment
         bundle = {"CPU": cfg.ray.num_cpus_per_worker}
         if cfg.ray.use_gpu:
             bundle["GPU"] = 1
@@ -73,7 +74,8 @@ class RayLauncher:
         threads = str(self.cfg.run.threads)
         return {"RANK": str(rank), "WORLD_SIZE": str(len(self.nodes)), "LOCAL_RANK": "0",
                 "MASTER_ADDR": self.addr, "MASTER_PORT": str(self.port), "OMP_NUM_THREADS": threads,
-                "MKL_NUM_THREADS": threads, "SKIPPIPE_NODE": node, "SKIPPIPE_INCARNATION": str(incarnation)}
+                "MKL_NUM_THREADS": threads, "SKIPPIPE_NODE": node, "SKIPPIPE_INCARNATION": str(incarnation),
+                "SKIPPIPE_CONTROL_SECRET": self.secret}
 
     def _spawn(self, node: str, incarnation: int) -> None:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -194,7 +196,7 @@ def control_address(cfg: Config) -> str:
 
 
 def train_ray(cfg: Config) -> Dict[str, Any]:
-    from skippipe.runtime.control import ControlChannel, connect_store
+    from skippipe.runtime.control import ControlChannel, connect_store, new_secret
     from skippipe.runtime.coordinator import Coordinator
     from skippipe.runtime.remote import RemoteExecutor
     from skippipe.topology import load_topology
@@ -204,9 +206,10 @@ def train_ray(cfg: Config) -> Dict[str, Any]:
     connect_ray(cfg)
     addr = control_address(cfg)
     store = connect_store(addr, cfg.runtime.master_port or 0, True, cfg.runtime.timeout_s)
-    control = ControlChannel(store, cfg.runtime.timeout_s)
+    secret = new_secret()
+    control = ControlChannel(store, cfg.runtime.timeout_s, secret=secret)
     nodes = load_topology(cfg).names()
-    launcher = RayLauncher(cfg, nodes, addr, store.port)
+    launcher = RayLauncher(cfg, nodes, addr, store.port, secret)
     train_ray.last_launcher = launcher  # tests reach the actors through this
     try:
         launcher.open_mailbox()

@@ -35,6 +35,7 @@ class RunRecorder:
         self.writer = LedgerWriter(out, make_header(cfg, header_extra), resume_from_step) if self.enabled else None
         self.pending: Dict[int, Dict[str, str]] = {}
         self.stage_of: Dict[int, Dict[str, int]] = {}
+        self.stage_state: Dict[int, Dict[int, Dict[str, str]]] = {}  # step -> stage -> reported digests
         self.next_step = 0 if resume_from_step is None else resume_from_step + 1
         self.chain: Optional[str] = None
         self.checkpoints: Dict[int, List[dict]] = {}
@@ -50,6 +51,7 @@ class RunRecorder:
         self.pending[step] = leaves
         self.stage_of[step] = plan.stage_of()
         self.add_state(outcome.node_reports)
+        self.add_states(outcome.states)
         if not deferred_state:
             self.flush(step)
         else:
@@ -57,16 +59,35 @@ class RunRecorder:
 
     def add_state(self, reports: Dict[str, Dict[str, Any]]) -> None:
         """State digests reported by workers (``{"step", "digests"}`` of the last committed update)."""
-        for node, report in reports.items():
-            state = report.get("state")
+        self.add_states({node: r["state"] for node, r in reports.items() if r.get("state")})
+
+    def add_states(self, states: Dict[str, Dict[str, Any]]) -> None:
+        """``node -> {"step", "digests"}``; the state of a step is that of its stage's replicas."""
+        for node, state in states.items():
             if not state or state["step"] not in self.pending:
                 continue
             stage = self.stage_of[state["step"]].get(node)
             if stage is not None:
                 self.pending[state["step"]].update(node_state_leaves(stage, [node], state["digests"]))
+                self.stage_state.setdefault(state["step"], {})[stage] = state["digests"]
+
+    def _complete_state(self, step: int) -> None:
+        """A node that died after ``step`` committed (its digests rode on the command that failed)
+        held what its stage's surviving replicas hold: replicas apply the same reduced gradient to
+        the same state, bit for bit, and a replay recomputes the stage once for every holder, so
+        the replicas' digests are the dead node's. A stage that lost every replica has no
+        survivor to ask; its state leaves are left out (and the replay leaves them out: see
+        :func:`skippipe.verify.replay.lost_state`)."""
+        known = self.stage_state.pop(step, {})
+        leaves = self.pending[step]
+        for node, stage in self.stage_of.get(step, {}).items():
+            if stage in known:
+                missing = {k: v for k, v in node_state_leaves(stage, [node], known[stage]).items() if k not in leaves}
+                leaves.update(missing)
 
     def flush(self, up_to: int) -> None:
         while self.next_step <= up_to and self.next_step in self.pending:
+            self._complete_state(self.next_step)
             line = self.writer.record(self.next_step, self.pending.pop(self.next_step))
             self.stage_of.pop(self.next_step, None)
             self.chain = line["chain"]

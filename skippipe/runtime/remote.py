@@ -61,6 +61,12 @@ class RemoteExecutor:
         self.restore: Dict[int, str] = {}  # stage -> checkpoint directory its new replica loads
         self.failed_joins: Dict[str, str] = {}  # node -> why its worker never joined
         self.added: List[Dict[str, Any]] = []  # nodes added to the running job: name, region, speed, ...
+        # state digests of the last committed step ride on the next command's reports; a command that
+        # fails still carried them (survivors report them with their error), so they are kept for
+        # the ledger until a command succeeds
+        self.carried_states: Dict[str, Dict[str, Any]] = {}
+        self.last_beat: Dict[str, float] = {}  # node -> time of its last authentic heartbeat
+        self.worker_rejected: Dict[str, int] = {}  # node -> forged control values its worker ignored
         self.finished = False
 
     def start(self, nodes: List[str], vocab_size: int) -> None:
@@ -93,7 +99,9 @@ class RemoteExecutor:
                                      "added": self.added})
         self.command_index += 1
         reports, dead = self._gather(index)
+        self.carried_states.update({n: r["state"] for n, r in reports.items() if r.get("state")})
         self._raise_on_failure(reports, dead)
+        states, self.carried_states = self.carried_states, {}
         self.load_dir = None
         self.commit_step, self.sync, self.rebuild, self.restore = step, {}, {}, {}
         losses = {int(k): v for r in reports.values() for k, v in r["losses"].items()}
@@ -101,7 +109,7 @@ class RemoteExecutor:
         if missing:
             raise WorkerFailed(f"step {step}: no loss came back for microbatches {missing}")
         norm = next(iter(reports.values()))["grad_norm"]
-        return StepOutcome(losses, norm, dict(reports))
+        return StepOutcome(losses, norm, dict(reports), states=states)
 
     def _gather(self, index: int):
         """Reports from every member, or the members found dead while waiting."""
@@ -113,13 +121,15 @@ class RemoteExecutor:
         poll_s = 0.002
         while pending:
             for node in sorted(pending):
-                if self.control.has(f"report/{index}/{node}"):
-                    reports[node] = self.control.get_now(f"report/{index}/{node}")
+                report = self.control.read(f"report/{index}/{node}")
+                if report is not None:
+                    reports[node] = report
                     pending.discard(node)
             exited = self.launcher.exited() if self.launcher is not None else {}
             for node in sorted(pending & set(exited)):
-                if self.control.has(f"report/{index}/{node}"):  # it reported, then ended (e.g. after stop)
-                    reports[node] = self.control.get_now(f"report/{index}/{node}")
+                report = self.control.read(f"report/{index}/{node}")
+                if report is not None:  # it reported, then ended (e.g. after stop)
+                    reports[node] = report
                 else:
                     dead[node] = f"process exited with code {exited[node]}"
                 pending.discard(node)
@@ -129,6 +139,8 @@ class RemoteExecutor:
             failed = dead or any(not r.get("ok", False) for r in reports.values())
             if failed and not self.control.has(f"abort/{index}"):
                 self.control.put(f"abort/{index}", True)  # survivors stop waiting on the failed step
+            self.worker_rejected.update({n: r["control_rejected"] for n, r in reports.items()
+                                         if r.get("control_rejected")})
             if pending and time.monotonic() > deadline:
                 for node in pending:
                     dead[node] = f"sent no report within {timeout_s:.0f} s (runtime.timeout_s)"
@@ -142,12 +154,20 @@ class RemoteExecutor:
         return max(5.0 * self.cfg.fault.heartbeat_s, 10.0)
 
     def _silent(self, nodes) -> List[str]:
+        """Members whose last authentic heartbeat is too old (a forged or replayed one is ignored)."""
         now, silent = time.time(), []
         for node in nodes:
-            key = f"hb/{node}"
-            if self.control.has(key) and now - float(self.control.get_now(key)) > self._heartbeat_limit_s():
+            beat = self.control.read(f"hb/{node}")
+            if beat is not None:
+                self.last_beat[node] = max(float(beat), self.last_beat.get(node, 0.0))
+            if node in self.last_beat and now - self.last_beat[node] > self._heartbeat_limit_s():
                 silent.append(node)
         return silent
+
+    def rejected(self) -> int:
+        """``control/rejected``: forged or replayed control values ignored by the coordinator and
+        (as last reported) by the workers."""
+        return self.control.rejected + sum(self.worker_rejected.values())
 
     def _raise_on_failure(self, reports: Dict[str, Dict[str, Any]], dead: Dict[str, str]) -> None:
         errors = {n: r for n, r in reports.items() if not r.get("ok", False)}

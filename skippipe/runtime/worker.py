@@ -261,12 +261,14 @@ class Worker:
         report, self.state_report = self.state_report, None
         return report
 
-    def save_checkpoint(self, plan: Optional[Plan], step: int, directory: str) -> Optional[Dict[str, Any]]:
+    def save_checkpoint(self, plan: Optional[Plan], step: int, directory: str,
+                        members: List[str]) -> Optional[Dict[str, Any]]:
         """The first live replica of each stage writes ``stage<k>.pt`` (tensors only) and returns its
-        manifest entry: a digest per tensor, tagged by the tensor's name, as in the ledger."""
+        manifest entry: a digest per tensor, tagged by the tensor's name, as in the ledger.
+        ``members``: the command's (after a failure, the dead replica is no longer the first)."""
         if self.stage is None or plan is None:
             return None
-        live = [n for n in plan.allocation[self.stage_id] if n in self.rank_of]
+        live = [n for n in plan.allocation[self.stage_id] if n in members]
         if not live or live[0] != self.me:
             return None
         from pathlib import Path
@@ -278,6 +280,11 @@ class Worker:
         Path(directory).mkdir(parents=True, exist_ok=True)
         save_tensors_atomic(Path(directory) / f"stage{self.stage_id}.pt", tensors)
         return {"file": f"stage{self.stage_id}.pt", "node": self.me, "tensors": tensor_digests(tensors)}
+
+    def check_paths(self, command: Dict[str, Any]) -> None:
+        from skippipe.config import run_dir
+
+        check_command_paths(command, run_dir(self.cfg))
 
     def load_checkpoint(self, directory: str) -> None:
         """Load this stage's parameters and optimizer state (every replica reads the same file)."""
@@ -325,6 +332,7 @@ class Worker:
                 "compute_n": times.compute_n, "compute_cpu_s": times.cpu_s, "reduce_s": times.reduce_s, "grad_norm": grad_norm,
                 "recv_wait_s": self.transport.recv_wait_s, "emulated_delay_s": self.transport.emulated_delay_s,
                 "step_s": time.perf_counter() - start, "node": self.me, "stage": self.stage_id,
+                "control_rejected": self.control.rejected,
                 "peak_rss_mb": _peak_rss_mb()}
 
     def _timed(self, times: StepTimes, phase: str, fn, *args):
@@ -448,6 +456,19 @@ class Worker:
         self.generation = -1
 
 
+def check_command_paths(command: Dict[str, Any], run_directory) -> None:
+    """Every path a command names (final model, checkpoint, load, restore) must lie inside the run's
+    directory: commands are authenticated, and even so a worker never writes or reads elsewhere."""
+    from pathlib import Path
+
+    root = Path(run_directory).resolve()
+    paths = [command.get("save_dir"), (command.get("checkpoint") or {}).get("dir"), command.get("load"),
+             *(command.get("restore") or {}).values()]
+    for path in paths:
+        if path is not None and not Path(path).resolve().is_relative_to(root):
+            raise RuntimeError(f"refusing a command path outside the run directory {root}: {path}")
+
+
 def _make_group(backend: str, store, rank: int, size: int, timeout: timedelta):
     if backend == "gloo":
         return dist.ProcessGroupGloo(store, rank, size, timeout)
@@ -519,10 +540,11 @@ def serve(env: WorkerEnv, control: ControlChannel, namespace: str = "") -> None:
                 return  # excluded from the new generation
             extra: Dict[str, Any] = {}
             try:
+                worker.check_paths(command)
                 worker.commit(command.get("commit_step"))
                 ckpt = command.get("checkpoint")
                 extra = {"state": worker.take_state_report(),
-                         "ckpt": worker.save_checkpoint(plan, ckpt["step"], ckpt["dir"]) if ckpt else None}
+                         "ckpt": worker.save_checkpoint(plan, ckpt["step"], ckpt["dir"], command["members"]) if ckpt else None}
                 if command.get("stop"):
                     if plan is not None and command.get("save_dir"):
                         worker.save_final(plan, command["save_dir"])

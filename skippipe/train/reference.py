@@ -88,7 +88,8 @@ class ReferenceExecutor:
             losses[route.id] = microbatch_gradients(self.stages, stage_of, route, moved, accumulators, on_send)
         num_mb = len(plan.microbatches)
         grads = {stage: compute.reduce_replicas([accumulators[n].result() for n in nodes], num_mb)
-                 for stage, nodes in enumerate(plan.allocation) if stage in self.stages}
+                 for stage, nodes in enumerate(plan.allocation) if stage in self.stages and nodes}
+        # (a stage that lost every replica is held by nobody: no gradient, no update, as in a live run)
         return grads, losses
 
     def step(self, plan: Plan, microbatches: List[Microbatch], lr: float, level: str = "off") -> StepResult:

@@ -242,6 +242,31 @@ def describe_differences(header_a: dict, header_b: dict, fields: List[str]) -> L
 # writing
 
 
+def resume_lines(ledger_dir: Path, header: dict, step: int) -> Tuple[dict, List[dict]]:
+    """(header on disk, lines of steps 0..step) of a ledger to resume after ``step``; UserError when
+    ``header`` is not comparable or the chain is broken. Read-only (validate before writing)."""
+    ledger_dir = Path(ledger_dir)
+    steps_path = ledger_dir / "steps.jsonl"
+    on_disk = _read_header(ledger_dir / "header.json")
+    differ = comparable(on_disk, header)
+    if differ:
+        raise UserError(f"run.resume: {ledger_dir / 'header.json'} was written by a different setup; "
+                        f"differs in {', '.join(describe_differences(on_disk, header, differ))}")
+    kept: List[dict] = []
+    prev = chain_origin(on_disk)
+    lines = steps_path.read_text().splitlines() if steps_path.is_file() else []
+    for number, text in enumerate(lines[: step + 1], start=1):
+        line = _parse_step_line(steps_path, number, text)
+        if line["step"] != len(kept) or line["chain"] != chain_next(prev, line["step"], line["root"]):
+            raise UserError(f"run.resume: {steps_path} line {number} does not continue the chain; "
+                            f"the ledger was edited or damaged, start a new run")
+        prev = line["chain"]
+        kept.append(line)
+    if len(kept) != step + 1:
+        raise UserError(f"run.resume: {steps_path} has {len(kept)} steps, cannot resume after step {step}")
+    return on_disk, kept
+
+
 class LedgerWriter:
     """Appends one line per step to ``ledger/steps.jsonl`` and writes ``ledger/leaves/<step>.json``.
 
@@ -272,23 +297,7 @@ class LedgerWriter:
         self._file = open(self.steps_path, "a")
 
     def _resume(self, header: dict, step: int) -> Tuple[dict, List[dict]]:
-        on_disk = _read_header(self.dir / "header.json")
-        differ = comparable(on_disk, header)
-        if differ:
-            raise UserError(f"run.resume: {self.dir / 'header.json'} was written by a different setup; "
-                            f"differs in {', '.join(describe_differences(on_disk, header, differ))}")
-        kept: List[dict] = []
-        prev = chain_origin(on_disk)
-        lines = self.steps_path.read_text().splitlines() if self.steps_path.is_file() else []
-        for number, text in enumerate(lines[: step + 1], start=1):
-            line = _parse_step_line(self.steps_path, number, text)
-            if line["step"] != len(kept) or line["chain"] != chain_next(prev, line["step"], line["root"]):
-                raise UserError(f"run.resume: {self.steps_path} line {number} does not continue the chain; "
-                                f"the ledger was edited or damaged, start a new run")
-            prev = line["chain"]
-            kept.append(line)
-        if len(kept) != step + 1:
-            raise UserError(f"run.resume: {self.steps_path} has {len(kept)} steps, cannot resume after step {step}")
+        on_disk, kept = resume_lines(self.dir, header, step)
         self._remove_leaves_after(step)
         return on_disk, kept
 

@@ -9,7 +9,7 @@ Fault injection (``fault.*``) is never replayed.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict, List, Tuple
 
 from skippipe.errors import UserError
 
@@ -56,7 +56,10 @@ def executor_at(run_dir: Path, step: int) -> Tuple[object, object, object, Dict]
         problem = verify_checkpoint(ckpt)
         if problem:
             raise UserError(f"replay: {problem}")
+        held = plans[usable[-1]].allocation if usable[-1] in plans else None
         for k, stage in executor.stages.items():
+            if held is not None and not held[k] and not (ckpt / f"stage{k}.pt").is_file():
+                continue  # lost every replica before the checkpoint: nobody held it, nothing to load
             load_state_tensors(stage, executor.optimizers[k], load_stage_file(ckpt / f"stage{k}.pt"))
         start = usable[-1] + 1
     for s in range(start, step):
@@ -78,4 +81,21 @@ def _step(cfg, data, executor, plans, step: int):
 def replay(run_dir, from_step: int, to_step: int) -> Dict[int, Dict[str, str]]:
     """Ledger leaves of steps ``from_step..to_step`` recomputed from the state after ``from_step-1``."""
     cfg, data, executor, plans = executor_at(Path(run_dir), from_step)
-    return {s: _step(cfg, data, executor, plans, s).leaves for s in range(from_step, to_step + 1)}
+    out = {}
+    for s in range(from_step, to_step + 1):
+        leaves = _step(cfg, data, executor, plans, s).leaves
+        for stage in lost_state(plans, s):
+            leaves = {k: v for k, v in leaves.items() if not k.startswith((f"param/stage{stage}/", f"opt/stage{stage}/"))}
+        out[s] = leaves
+    return out
+
+
+def lost_state(plans, step: int) -> List[int]:
+    """Stages whose state after ``step`` died with all their replicas: no node that held the stage
+    at ``step`` holds it in the executed plan of ``step + 1``. Their digests rode on the command that
+    failed, nobody is left to report them, and nothing later depends on them (the stage is skipped,
+    or restarts from elsewhere), so the ledger leaves them out (:class:`~skippipe.runtime.recorder.RunRecorder`)."""
+    if step + 1 not in plans:
+        return []
+    now, after = plans[step].allocation, plans[step + 1].allocation
+    return [k for k, nodes in enumerate(now) if nodes and k < len(after) and not set(nodes) & set(after[k])]

@@ -1,0 +1,114 @@
+"""Tier 2: the control channel is private (loopback) and authenticated; a forger changes nothing."""
+
+import json
+import os
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import psutil
+import pytest
+import torch.distributed as dist
+
+from skippipe.config import load_config
+from skippipe.runtime.control import ControlChannel, connect_store, new_secret
+from skippipe.runtime.worker import check_command_paths
+
+SMALL = ["model.dim=64", "model.n_heads=2", "model.ffn_dim=128", "model.seq_len=32", "train.samples_per_microbatch=2",
+         "data.max_corpus_mb=1", "train.eval_batches=2", "tracking.wandb.mode=disabled", "tracking.progress=false",
+         "runtime.timeout_s=30", "cost.emulate_links=false"]
+
+
+def listening(pid):
+    return [c.laddr for c in psutil.Process(pid).net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+
+
+def test_forged_wrong_key_and_replayed_values_are_rejected():
+    store = connect_store("127.0.0.1", 0, True, 10.0)
+    assert listening(os.getpid()) and all(a.ip == "127.0.0.1" for a in listening(os.getpid()) if a.port == store.port)
+    secret = new_secret()
+    writer = ControlChannel(store, 10.0, secret=secret)
+    reader = ControlChannel(connect_store("127.0.0.1", store.port, False, 10.0), 10.0, secret=secret)
+    forger = dist.PrefixStore("skippipe", dist.TCPStore("127.0.0.1", store.port, None, False, timedelta(seconds=10)))
+    writer.put("hb/n3", 1.0)
+    old = forger.get("hb/n3")
+    writer.put("hb/n3", 2.0)
+    assert reader.read("hb/n3") == 2.0
+    forger.set("hb/n3", old)  # replay of an authentic but older value
+    assert reader.read("hb/n3") is None and reader.rejected == 1
+    forger.set("hb/n3", "0")  # no envelope at all
+    assert not reader.has("hb/n3") and reader.rejected == 2
+    writer.put("cmd/1", {"stop": True})
+    forger.set("cmd/2", forger.get("cmd/1"))  # an authentic value moved to another key
+    assert reader.read("cmd/2") is None and reader.rejected == 3
+    other = ControlChannel(store, 10.0, secret=new_secret())  # a writer with the wrong secret
+    other.put("cmd/3", {"stop": True})
+    assert reader.read("cmd/3") is None and reader.rejected == 4
+    assert reader.read("cmd/1") == {"stop": True}
+
+
+def test_command_paths_are_confined_to_the_run_dir(tmp_path):
+    run = tmp_path / "run"
+    check_command_paths({"save_dir": str(run), "checkpoint": {"dir": str(run / "ckpt" / ".tmp-3")},
+                         "load": str(run / "ckpt" / "3")}, run)
+    for bad in ({"save_dir": str(tmp_path / "elsewhere")}, {"load": str(run / ".." / "other")},
+                {"checkpoint": {"dir": "/tmp"}}, {"restore": {"2": "/etc"}}):
+        with pytest.raises(RuntimeError, match="outside the run directory"):
+            check_command_paths(bad, run)
+
+
+def test_forger_on_loopback_changes_nothing(tmp_path):
+    """A local process without the secret writes hb/n3=0 (which used to drop n3 at once), aborts,
+    reports for commands to come and arbitrary keys while the run trains: every step completes, no
+    node is dropped, and the run reports the rejected writes. (Overwriting an authentic value after
+    it was written is a denial of service that no authentication stops; see control.py.)"""
+    from skippipe.runtime.launch_local import train_local
+
+    run = tmp_path / "run"
+    cfg = load_config("configs/tiny.yaml", [*SMALL, "launcher=local", "train.steps=8", f"run.dir={run}",
+                                            "fault.heartbeat_s=0.2"])
+    errors, done = [], threading.Event()
+
+    def train():
+        try:
+            train_local(cfg)
+        except BaseException as err:  # surfaced below
+            errors.append(err)
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=train)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not hasattr(train_local, "last_launcher") or train_local.last_launcher.procs == {}:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    launcher = train_local.last_launcher
+    forger = dist.PrefixStore("skippipe", dist.TCPStore("127.0.0.1", launcher.port, None, False,
+                                                          timedelta(seconds=10)))
+    for index in range(1, 12):  # before the run gets there: the authentic report lands on top later
+        forger.set(f"report/{index}/n2", json.dumps({"ok": False, "message": "forged", "bad_peer": "n4"}))
+    sockets = set()
+    i = 0
+    while not done.is_set():
+        forger.set("hb/n3", "0")
+        forger.set(f"abort/{i % 12}", "true")
+        forger.set(f"junk/{i}", "x" * 100)
+        if i % 10 == 0:  # what listens while the run trains: the coordinator and every worker
+            for pid in [os.getpid(), *(p.pid for p in launcher.procs.values() if p.poll() is None)]:
+                try:
+                    sockets.update(listening(pid))
+                except psutil.NoSuchProcess:
+                    pass
+        i += 1
+        time.sleep(0.05)
+    thread.join()
+    assert not errors, errors
+    lines = [json.loads(x) for x in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+    steps, summary = [m for m in lines if "loss/val" not in m], lines[-1]
+    assert [m["step"] for m in steps] == list(range(8))
+    assert all(m["cluster/generation"] == 0 for m in steps)  # nobody dropped
+    assert all(m["node/n3/alive"] == 1 for m in steps)
+    assert summary["route/reroutes"] == 0 and summary["control/rejected"] > 0
+    assert sockets and {a.ip for a in sockets} == {"127.0.0.1"}, sockets
