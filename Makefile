@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: install
-	$(BIN)/skippipe train configs/tiny.yaml
+	$(BIN)/skippipe train configs/tiny.yaml run.overwrite=true
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -75,7 +75,8 @@ def test_bound_never_above_exhaustive_search(seed, sizes, visited, per_orig, mem
     topo, cfg, spec = _random_problem(seed, sum(sizes))
     cost = CostModel(topo, spec, len(sizes), 8, fwd_s_per_sample_layer=cfg.cost.fwd_s_per_sample_layer,
                      message_overhead_s=cfg.cost.message_overhead_s, grad_sync=False)
-    bound = lower_bound(cost, topo.names(), len(sizes), sizes[0], visited, sizes[0] * per_orig, memory)
+    bound = lower_bound(cost, topo.names(), len(sizes), sizes[0], visited, sizes[0] * per_orig, memory,
+                        stage_sizes=sizes)
     best = _exhaustive_min(topo, cost, sizes, visited, per_orig, memory)
     assert 0 < bound.lower_bound_s <= best + 1e-9
     # and it is not a trivial bound: the cheapest single microbatch is in it
@@ -87,7 +88,8 @@ def test_bound_holds_with_gradient_sync_and_slow_nodes():
     sizes, visited, per_orig, memory = [2, 2, 1], 2, 2, 1
     cost = CostModel(topo, spec, len(sizes), 8, fwd_s_per_sample_layer=cfg.cost.fwd_s_per_sample_layer,
                      grad_sync=True)
-    bound = lower_bound(cost, topo.names(), len(sizes), sizes[0], visited, sizes[0] * per_orig, memory)
+    bound = lower_bound(cost, topo.names(), len(sizes), sizes[0], visited, sizes[0] * per_orig, memory,
+                        stage_sizes=sizes)
     assert bound.grad_sync_s > bound.originators_s
     assert bound.lower_bound_s <= _exhaustive_min(topo, cost, sizes, visited, per_orig, memory) + 1e-9
 

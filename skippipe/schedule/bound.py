@@ -17,8 +17,9 @@ check it against exhaustive search on small problems. Three relaxations, the lar
    visit can start before a microbatch can arrive (a stage-0 forward and a link) nor end later
    than a link and a stage-0 backward before the end. The ``N - n0`` most capable nodes must hold
    them all.
-3. **Gradient reduction** of stage 0 (with ``cost.grad_sync``): its ring all-reduce starts after
-   the last stage-0 backward, so bound 1 plus the all-reduce over the cheapest links.
+3. **Gradient reduction** (with ``cost.grad_sync``): stage 0's ring all-reduce starts after the
+   last stage-0 backward (bound 1 plus the all-reduce over the best links a group that size can
+   have); at least ``L - 1`` other stages are visited, and each all-reduces after its last visit.
 
 Walks may revisit nodes (a relaxation of distinct stages), and which nodes hold stage 0 is left
 free, so the bound also holds across allocations. Links carry no contention in the simulator
@@ -53,9 +54,11 @@ class Bound:
 
 
 def lower_bound(cost, nodes: Sequence[str], num_stages: int, stage0_nodes: int, stages_visited: int,
-                microbatches: int, memory: int, slowdown: Optional[Dict[str, float]] = None) -> Bound:
+                microbatches: int, memory: int, slowdown: Optional[Dict[str, float]] = None,
+                stage_sizes: Optional[Sequence[int]] = None) -> Bound:
     """Lower bound on the simulated iteration time (module docstring) of ``microbatches`` over
-    ``nodes`` (the live ones), ``stage0_nodes`` of which hold stage 0."""
+    ``nodes`` (the live ones), ``stage0_nodes`` of which hold stage 0 (``stage_sizes``: the
+    replicas of every stage, for the other stages' all-reduce)."""
     slow = slowdown or {}
     names = list(nodes)
     n = len(names)
@@ -87,8 +90,17 @@ def lower_bound(cost, nodes: Sequence[str], num_stages: int, stage0_nodes: int, 
         visits_s = _capacity_bound([(memory, hold[v], wk[v], head[v] + tail[v]) for v in range(n)],
                                    n - stage0_nodes, microbatches * hops)
     grad_sync_s = 0.0
-    if getattr(cost, "grad_sync", False) and stage0_nodes > 1 and n > 1:
-        grad_sync_s = originators_s + _allreduce_floor(cost, names, stage0_nodes)
+    if getattr(cost, "grad_sync", False) and n > 1:
+        if stage0_nodes > 1:
+            grad_sync_s = originators_s + _allreduce_floor(cost, names, stage0_nodes, 0)
+        if hops > 0 and stage_sizes and len(stage_sizes) == num_stages:
+            # at least L - 1 distinct other stages are visited, each all-reduces after a visit ends
+            # there (at the earliest: stage-0 forward, a link, F, links out and back, loss, B)
+            floors = sorted(_allreduce_floor(cost, names, stage_sizes[k], k) if stage_sizes[k] > 1 else 0.0
+                            for k in range(1, num_stages))
+            link = float(np.min(one_way))
+            first_end = float(np.min(f0)) + 3 * link + float(np.min(wk)) + float(np.min(loss))
+            grad_sync_s = max(grad_sync_s, first_end + floors[hops - 1] if hops <= len(floors) else 0.0)
     best = max(originators_s, visits_s, grad_sync_s)
     return Bound(best, originators_s, visits_s, grad_sync_s, float(np.min(cycles)))
 
@@ -147,8 +159,8 @@ def _capacity_bound(servers: List[tuple], count: int, demand: int) -> float:
     return float(values[lo])
 
 
-def _allreduce_floor(cost, names: Sequence[str], replicas: int) -> float:
-    """The ring all-reduce of stage 0 (``CostModel.allreduce_s``: volume over the slowest link of
+def _allreduce_floor(cost, names: Sequence[str], replicas: int, stage: int = 0) -> float:
+    """The ring all-reduce of ``stage`` (``CostModel.allreduce_s``: volume over the slowest link of
     the group, plus latency over the worst) for the best group of ``replicas`` nodes anywhere.
 
     A group spans a set of regions; its slowest link is at most the slowest link between two of
@@ -191,7 +203,7 @@ def _allreduce_floor(cost, names: Sequence[str], replicas: int) -> float:
                     slowest = min(bw(rep[x], rep[y]) for x, y in pairs)
                     worst = max(lat(rep[x], rep[y]) for x, y in pairs)
                 best_bw, least_lat = max(best_bw, slowest), min(least_lat, worst)
-    volume = 2.0 * (replicas - 1) / replicas * cost.stage_param_bytes(0)
+    volume = 2.0 * (replicas - 1) / replicas * cost.stage_param_bytes(stage)
     return volume / best_bw + 2 * (replicas - 1) * (least_lat + cost.message_overhead_s)
 
 
@@ -207,4 +219,4 @@ def config_bound(params, topology, cost, dead: Sequence[str] = (), slowdown: Opt
     live = [n for n in names if n not in set(dead)]
     microbatches = sizes[0] * params.microbatches_per_originator
     return lower_bound(cost, live, len(sizes), sizes[0], params.stages_visited(len(sizes)), microbatches,
-                       params.memory, slowdown)
+                       params.memory, slowdown, stage_sizes=sizes)

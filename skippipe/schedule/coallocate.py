@@ -177,6 +177,20 @@ def _local_search(topology, link_s, labels, score, proxy, misfit, rng, evaluatio
     return score, labels
 
 
+def _with_grad_sync(actions, prob) -> float:
+    """Makespan of reserved actions with each stage's all-reduce after its last action, as the
+    simulator adds it (a spread-out stage all-reduces over slow links: the proxy must see it)."""
+    last: dict = {}
+    for node, _, _, _, end in actions:
+        last[node] = max(last.get(node, 0.0), end)
+    makespan = max(last.values())
+    for stage, nodes in enumerate(prob.live):
+        worked = [last[n] for n in nodes if n in last]
+        if len(nodes) > 1 and worked:
+            makespan = max(makespan, max(worked) + prob.cost.allreduce_s(stage, nodes))
+    return makespan
+
+
 def proxy_evaluations(num_nodes: int, microbatches: int, hops: int) -> int:
     """Local-search proxy evaluations, fixed by size: about 3e5 placed hops in all, 8..150."""
     return int(max(8, min(150, 300_000 // max(1, microbatches * hops * max(1, num_nodes // 8)))))
@@ -210,7 +224,7 @@ def allocate_by_plan(topology, cost, params, dtfm: Optional[Allocation] = None):
     def proxy(labels: np.ndarray) -> float:
         prob = build_problem(to_allocation(labels, names, len(sizes)), cost, params, state, "skippipe")
         _, _, res = place_collision_aware(prob, random.Random(0), insertion_order(prob, rng, 0), 4, 3)
-        value = max(a[4] for a in res.actions)
+        value = _with_grad_sync(res.actions, prob)
         dedicated = paths_dedicated(prob, "worst")
         if dedicated is not None:
             value = min(value, simulate(assemble(prob, "skippipe", len(sizes), dedicated), prob.cost,
