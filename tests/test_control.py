@@ -78,10 +78,11 @@ def test_forger_on_loopback_changes_nothing(tmp_path):
         finally:
             done.set()
 
+    previous = getattr(train_local, "last_launcher", None)  # an earlier test's run in this process
     thread = threading.Thread(target=train)
     thread.start()
     deadline = time.monotonic() + 60
-    while not hasattr(train_local, "last_launcher") or train_local.last_launcher.procs == {}:
+    while getattr(train_local, "last_launcher", None) is previous or train_local.last_launcher.procs == {}:
         assert time.monotonic() < deadline
         time.sleep(0.02)
     launcher = train_local.last_launcher
