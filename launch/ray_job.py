@@ -5,6 +5,11 @@
 
 Inside a job RAY_ADDRESS is set and the driver joins that cluster; run directly (no address) it
 starts a local Ray instance on 127.0.0.1. ``launcher=ray`` is implied.
+
+``python`` is the Python on the PATH of the ``ray start`` that started the cluster: start it with the
+virtual environment activated (``. .venv/bin/activate``) so that it is the one with skippipe's
+dependencies; this script says so in one line when it is not. Outputs go to ``run.dir``, else
+``ray.storage_path/<run.name>``, never into Ray's temporary copy of the working directory.
 """
 
 from __future__ import annotations
@@ -17,7 +22,24 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the job's working_dir: its skippipe wins
 
 
+def check_python() -> str:
+    """'' when this Python can run skippipe, else the one-line reason (the job's ``python`` is whatever
+    the cluster's PATH finds, often the system Python)."""
+    import importlib.util
+
+    missing = [m for m in ("torch", "omegaconf", "ray") if importlib.util.find_spec(m) is None]
+    if not missing:
+        return ""
+    return (f"error: {sys.executable} has no module {', '.join(missing)}: the job's `python` is not the one "
+            f"with skippipe installed; start the cluster with the venv active (`. .venv/bin/activate; ray start ...`) "
+            f"or submit `-- /abs/path/to/.venv/bin/python launch/ray_job.py ...`")
+
+
 def main(argv) -> int:
+    problem = check_python()
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
     from skippipe.cli import main as cli_main
 
     has_config = bool(argv) and "=" not in argv[0]

@@ -193,7 +193,8 @@ class RayConfig:
     address: Optional[str] = None  # None: a local ray.init()
     placement_strategy: str = "PACK"  # PACK on one box, SPREAD across machines
     use_gpu: bool = False
-    num_cpus_per_worker: float = 1.0
+    num_cpus_per_worker: Optional[float] = None  # CPUs per worker actor; None: 1, or what the cluster's free CPUs allow
+    storage_path: Optional[str] = None  # where Ray runs write <run.name>/ when run.dir is unset; None: ./runs, or ~/skippipe_runs inside ray job submit
 
 
 @dataclass

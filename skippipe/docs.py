@@ -49,7 +49,6 @@ MEANINGS: Dict[str, str] = {
     "ray.address": "Ray cluster address",
     "ray.placement_strategy": "Ray placement group strategy",
     "ray.use_gpu": "run the Ray worker actors on GPUs",
-    "ray.num_cpus_per_worker": "CPUs requested per Ray worker actor",
     "model.n_layers": "transformer layers; None: the preset's value",
     "model.n_heads": "attention heads; None: the preset's value",
     "model.ffn_dim": "hidden size of the SwiGLU MLP; None: the preset's value",

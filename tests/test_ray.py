@@ -262,3 +262,45 @@ def test_ray_job_submit_end_to_end(tmp_path):
         assert metrics(run)[-1]["loss/val"] > 0
     finally:
         subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_worker_cpus_fit_the_cluster_or_fail_naming_the_key():
+    from skippipe.errors import UserError
+    from skippipe.runtime.launch_ray import worker_cpus
+
+    auto = load_config("configs/tiny.yaml", [])
+    assert auto.ray.num_cpus_per_worker is None
+    assert worker_cpus(auto, 6, {"CPU": 16.0}) == 1.0
+    assert worker_cpus(auto, 6, {"CPU": 2.0}) == 0.33  # `ray start --head` on a 2-core box
+    with pytest.raises(UserError, match="0 free CPUs for 6 workers"):
+        worker_cpus(auto, 6, {})
+    explicit = load_config("configs/tiny.yaml", ["ray.num_cpus_per_worker=1"])
+    assert worker_cpus(explicit, 2, {"CPU": 2.0}) == 1
+    with pytest.raises(UserError, match=r"ray.num_cpus_per_worker=1 x 6 workers = 6 CPUs, but the Ray cluster "
+                                        r"has 2 free; set ray.num_cpus_per_worker<=0.33"):
+        worker_cpus(explicit, 6, {"CPU": 2.0})
+
+
+def test_ray_run_dir_is_persistent_and_absolute(tmp_path):
+    from skippipe.runtime.launch_ray import resolve_run_dir
+
+    copy = tmp_path / "session_x" / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123abcd"
+    cfg = load_config("configs/tiny.yaml", [])
+    assert resolve_run_dir(cfg, tmp_path) == tmp_path / "runs" / "tiny"
+    assert resolve_run_dir(cfg, copy) == Path.home() / "skippipe_runs" / "tiny"  # not Ray's temporary copy
+    stored = load_config("configs/tiny.yaml", [f"ray.storage_path={tmp_path / 'store'}"])
+    assert resolve_run_dir(stored, copy) == tmp_path / "store" / "tiny"
+    explicit = load_config("configs/tiny.yaml", ["run.dir=/tmp/elsewhere", f"ray.storage_path={tmp_path}"])
+    assert resolve_run_dir(explicit, copy) == Path("/tmp/elsewhere")
+
+
+def test_too_many_cpus_per_worker_fails_in_seconds(ray_cluster, tmp_path):
+    """The fixture's cluster has 4 CPUs; 6 workers x 1 CPU cannot be placed: one error naming the key,
+    at once, instead of a placement group that waits runtime.timeout_s * 4."""
+    from skippipe.errors import UserError
+
+    cfg = config(tmp_path, "ray.num_cpus_per_worker=1")
+    start = time.monotonic()
+    with pytest.raises(UserError, match=r"ray.num_cpus_per_worker=1 x 6 workers = 6 CPUs.*has 4 free"):
+        train_ray(cfg)
+    assert time.monotonic() - start < 30

@@ -16,10 +16,13 @@ node and keeps training.
 from __future__ import annotations
 
 import logging
+import math
 import os
+from pathlib import Path
 from typing import Any, Dict, List
 
 from skippipe.config import Config
+from skippipe.errors import UserError
 
 log = logging.getLogger("skippipe")
 
@@ -52,16 +55,23 @@ class RayLauncher:
 
     def __init__(self, cfg: Config, nodes: List[str], addr: str, port: int, secret: str):
         import ray
-        from ray.util.placement_group import placement_group
+        from ray.util.placement_group import placement_group, remove_placement_group
 
         self.cfg, self.nodes, self.addr, self.port = cfg, list(nodes), addr, port
         self.secret = secret  # the control channel's key, handed to each actor's environment
-        bundle = {"CPU": cfg.ray.num_cpus_per_worker}
+        self.cpus = worker_cpus(cfg, len(nodes), ray.available_resources())
+        bundle = {"CPU": self.cpus}
         if cfg.ray.use_gpu:
             bundle["GPU"] = 1
         self.bundle = bundle
         self.pg = placement_group([dict(bundle) for _ in nodes], strategy=cfg.ray.placement_strategy)
-        ray.get(self.pg.ready(), timeout=cfg.runtime.timeout_s * 4)
+        try:
+            ray.get(self.pg.ready(), timeout=cfg.runtime.timeout_s * 4)
+        except ray.exceptions.GetTimeoutError:
+            remove_placement_group(self.pg)
+            raise UserError(f"the Ray cluster did not place {len(nodes)} workers x {bundle} within "
+                            f"{cfg.runtime.timeout_s * 4:.0f} s (strategy {cfg.ray.placement_strategy}); "
+                            f"lower ray.num_cpus_per_worker or add machines") from None
         self.bundle_of: Dict[str, Any] = {node: (self.pg, i) for i, node in enumerate(nodes)}
         self.extra_pgs: List[Any] = []
         self.actor_cls = ray.remote(WorkerActor)
@@ -82,7 +92,7 @@ class RayLauncher:
 
         pg, index = self.bundle_of[node]
         strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index)
-        actor = self.actor_cls.options(num_cpus=self.cfg.ray.num_cpus_per_worker,
+        actor = self.actor_cls.options(num_cpus=self.cpus,
                                        num_gpus=1 if self.cfg.ray.use_gpu else 0,
                                        scheduling_strategy=strategy, name=None,
                                        max_restarts=0).remote(self._env(node, incarnation))
@@ -182,8 +192,58 @@ def connect_ray(cfg: Config) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        cpus = max(os.cpu_count() or 1, int(cfg.ray.num_cpus_per_worker * 64))
+        cpus = max(os.cpu_count() or 1, int((cfg.ray.num_cpus_per_worker or 1.0) * 64))
         ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
+
+
+def worker_cpus(cfg: Config, num_workers: int, available: Dict[str, float]) -> float:
+    """CPUs per worker actor: ``ray.num_cpus_per_worker``, or (unset) 1 when the cluster's free CPUs
+    allow it, else an equal share of them (rounded down to 0.01, Ray's resource granularity is 1e-4).
+    Fails at once, naming the key and the numbers, when the request cannot fit: a placement group
+    that cannot be placed would otherwise wait for ``runtime.timeout_s * 4`` seconds."""
+    free = float(available.get("CPU", 0.0))
+    wanted = cfg.ray.num_cpus_per_worker
+    if wanted is None:
+        share = math.floor(100 * free / max(1, num_workers)) / 100
+        if share <= 0:
+            raise UserError(f"the Ray cluster has {free:g} free CPUs for {num_workers} workers; "
+                            f"free some or set ray.num_cpus_per_worker (e.g. 0.1)")
+        if share < 1.0:
+            log.info("ray.num_cpus_per_worker unset: %d workers share the cluster's %g free CPUs, %.2f each",
+                     num_workers, free, share)
+        return min(1.0, share)
+    if wanted <= 0:
+        raise UserError(f"ray.num_cpus_per_worker={wanted:g} must be > 0")
+    if wanted * num_workers > free + 1e-6:
+        raise UserError(f"ray.num_cpus_per_worker={wanted:g} x {num_workers} workers = {wanted * num_workers:g} CPUs, "
+                        f"but the Ray cluster has {free:g} free; set ray.num_cpus_per_worker<="
+                        f"{math.floor(100 * free / num_workers) / 100:g} (or unset it), or add CPUs")
+    return wanted
+
+
+def in_ray_job_copy(cwd: Path) -> bool:
+    """True inside ``ray job submit --working-dir``: the driver runs in Ray's temporary copy of the
+    working directory, which Ray deletes when it cleans up."""
+    return "runtime_resources" in cwd.parts and any(p.startswith("_ray_pkg_") for p in cwd.parts)
+
+
+def resolve_run_dir(cfg: Config, cwd: Path = None) -> Path:
+    """Where a Ray run writes its outputs, made absolute: ``run.dir``, else ``ray.storage_path/<run.name>``,
+    else ``runs/<run.name>`` under the starting directory, or, inside ``ray job submit``'s temporary copy,
+    ``~/skippipe_runs/<run.name>`` (outputs outlive the job, like Ray Train's storage_path)."""
+    cwd = Path(cwd or Path.cwd())
+    if cfg.run.dir:
+        path = Path(cfg.run.dir).expanduser()
+        if not path.is_absolute() and in_ray_job_copy(cwd):
+            log.warning("run.dir=%s is inside Ray's temporary working_dir copy (deleted by Ray); "
+                        "give an absolute run.dir or set ray.storage_path", cfg.run.dir)
+    elif cfg.ray.storage_path:
+        path = Path(cfg.ray.storage_path).expanduser() / str(cfg.run.name)
+    elif in_ray_job_copy(cwd):
+        path = Path.home() / "skippipe_runs" / str(cfg.run.name)
+    else:
+        path = Path("runs") / str(cfg.run.name)
+    return path if path.is_absolute() else cwd / path
 
 
 def control_address(cfg: Config) -> str:
@@ -203,6 +263,7 @@ def train_ray(cfg: Config) -> Dict[str, Any]:
     from skippipe.train.loop import pin_threads
 
     pin_threads(cfg.run.threads)
+    cfg.run.dir = str(resolve_run_dir(cfg))  # the summary and the config.yaml show the real path
     connect_ray(cfg)
     addr = control_address(cfg)
     store = connect_store(addr, cfg.runtime.master_port or 0, True, cfg.runtime.timeout_s)
