@@ -17,6 +17,22 @@ import sys
 import threading
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # c10d socket warnings after a handled fault
+
+
+def check_launch(cfg, env) -> None:
+    """Mistakes every rank can see on its own (a wrong process count, CUDA on a CPU-only torch), so the
+    group fails in seconds with one line instead of timing out on its sockets."""
+    from skippipe.errors import ConfigError
+    from skippipe.topology import load_topology
+    from skippipe.train.loop import check_device
+
+    check_device(cfg)
+    nodes = len(load_topology(cfg).nodes)
+    if env.world_size != nodes:
+        raise ConfigError(f"torchrun started {env.world_size} processes but the topology has {nodes} nodes; "
+                          f"start exactly {nodes} (torchrun --nproc_per_node={nodes}, or --nnodes x --nproc_per_node "
+                          f"= {nodes} across machines)")
 
 
 def main(argv) -> int:
@@ -35,10 +51,12 @@ def main(argv) -> int:
         overrides.append("run.resume=true")
     try:
         cfg = load_config(config, overrides)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        env = WorkerEnv.from_environ()
+        check_launch(cfg, env)
+    except UserError as err:  # every rank fails alike, at once and before any socket; rank 0 says why
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {err}", file=sys.stderr)
         return err.exit_code
-    env = WorkerEnv.from_environ()
     logging.basicConfig(level=logging.INFO if env.rank == 0 else logging.WARNING,
                         format="%(message)s" if env.rank == 0 else f"[rank {env.rank}] %(levelname)s %(message)s")
     pin_threads(cfg.run.threads)

@@ -179,3 +179,33 @@ def test_torchrun_restart_resumes_from_checkpoint(tmp_path):
     assert [m["step"] for m in metrics(tmp_path / "tr") if "loss/val" not in m] == list(range(6))
     ledger = [(tmp_path / run / "ledger" / "steps.jsonl").read_text() for run in ("ref", "tr")]
     assert ledger[0] == ledger[1]
+
+
+def test_torchrun_wrong_process_count_fails_fast_with_one_line_first(tmp_path):
+    """4 ranks for a 6-node topology: every rank stops before opening a socket; rank 0's line comes
+    first, no socket warnings or Python tracebacks of ours follow (torchrun's own summary may)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
+           "launch/torchrun_main.py", "configs/tiny.yaml", *SMALL, "train.steps=2", f"run.dir={tmp_path}"]
+    start = time.monotonic()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert time.monotonic() - start < 60  # was 67 s of socket timeouts on a 2-core box
+    first = proc.stderr.lstrip().splitlines()[0]
+    assert first == ("error: torchrun started 4 processes but the topology has 6 nodes; start exactly 6 "
+                     "(torchrun --nproc_per_node=6, or --nnodes x --nproc_per_node = 6 across machines)")
+    assert proc.stderr.count("error: torchrun started") == 1  # rank 0 only
+    assert "socket" not in proc.stderr.lower() and "launch/torchrun_main.py\", line" not in proc.stderr
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch without CUDA")
+@pytest.mark.parametrize("launcher", ["inprocess", "local"])
+def test_cuda_on_cpu_only_torch_is_one_line(launcher, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "skippipe", "train", "configs/tiny.yaml", *SMALL,
+                           f"launcher={launcher}", "train.device=cuda", f"run.dir={tmp_path}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: train.device=cuda but torch "), proc.stderr
+    assert "set train.device=cpu" in lines[0] and not (tmp_path / "metrics.jsonl").exists()

@@ -24,6 +24,10 @@ def run(args) -> int:
 
     config, overrides = split_config_and_overrides(args)
     cfg = load_config(config, overrides)
+    if cfg.launcher != "ray":  # Ray workers may have GPUs that this machine lacks
+        from skippipe.train.loop import check_device
+
+        check_device(cfg)
     from skippipe.runtime.rundir import check_run_dir
 
     check_run_dir(cfg)  # before any worker starts; the coordinator validates the rest before writing
