@@ -122,3 +122,16 @@ def test_operator_pinning_names_the_faulty_op(honest, allocation, tmp_path, caps
     code, report = verify(capsys, bad, "--against", honest, "--ops")
     assert code == 1 and report["first_divergent_step"] == 1
     assert report["ops"]["operator"] == "blocks.1.gate_up", report["ops"]
+
+
+def test_ops_on_state_level_runs_says_it_needs_full(allocation, tmp_path, capsys):
+    """At the default verify.level=states the first differing leaf is a state leaf that names no
+    microbatch: --ops finds no operator and says that it needs verify.level=full."""
+    node = allocation[1][0]
+    honest = train(tmp_path / "honest", "launcher=inprocess", "train.steps=2", "verify.level=states")
+    bad = train(tmp_path / "bad", "launcher=local", "train.steps=2", "verify.level=states", "fault.corrupt.step=1",
+                f"fault.corrupt.node={node}", "fault.corrupt.tensor=grad")
+    code, report = verify(capsys, bad, "--against", honest, "--ops")
+    assert code == 1 and report["first_divergent_step"] == 1
+    assert report["ops"]["operator"] is None
+    assert "verify.level=full" in report["ops"]["reason"] and "verify.level=states" in report["ops"]["reason"]

@@ -333,6 +333,15 @@ def _common_checkpoint(run_a: Path, run_b: Path, la: Ledger, lb: Ledger, step: i
     return run_a, None
 
 
+def _verify_level(run: Path) -> str:
+    from omegaconf import OmegaConf
+
+    try:
+        return str(OmegaConf.load(Path(run) / "config.yaml").verify.level)
+    except Exception:  # an unreadable config is reported by the checks that need it
+        return "unknown"
+
+
 def _pin_operator(result: dict, run_a: Path, run_b: Path, step: int, leaf: Optional[str]) -> Dict:
     """Hook for Verde phase 2: ``skippipe.verify.ops.pin_operator(run_a, run_b, step, leaf) -> dict``."""
     pin = _optional("skippipe.verify.ops", "pin_operator")
@@ -341,5 +350,9 @@ def _pin_operator(result: dict, run_a: Path, run_b: Path, step: int, leaf: Optio
         return {"available": False}
     found = dict(pin(run_a, run_b, step, leaf))
     found.setdefault("available", True)
+    levels = {_verify_level(run) for run in (run_a, run_b)}
+    if found.get("operator") is None and levels != {"full"}:
+        found["reason"] = (f"runs recorded with verify.level={'/'.join(sorted(levels))}: operator pinning needs "
+                           f"the activations and gradients hashed at verify.level=full; rerun both with verify.level=full")
     result["lines"].append("ops: " + ", ".join(f"{k}={v}" for k, v in found.items() if k != "available"))
     return found
