@@ -20,6 +20,8 @@ def worker_env(rank: int, world_size: int, addr: str, port: int, threads: int, n
     """The torchrun environment contract, so one worker code path serves every launcher (plus the
     node's name and the control channel's secret)."""
     env = dict(os.environ)
+    # c10d's C++ socket warnings after a handled fault (a peer died: the coordinator says so in one line)
+    env.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     env.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
                 "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": addr, "MASTER_PORT": str(port),
                 "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "SKIPPIPE_NODE": node,

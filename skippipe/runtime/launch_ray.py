@@ -85,7 +85,8 @@ class RayLauncher:
         return {"RANK": str(rank), "WORLD_SIZE": str(len(self.nodes)), "LOCAL_RANK": "0",
                 "MASTER_ADDR": self.addr, "MASTER_PORT": str(self.port), "OMP_NUM_THREADS": threads,
                 "MKL_NUM_THREADS": threads, "SKIPPIPE_NODE": node, "SKIPPIPE_INCARNATION": str(incarnation),
-                "SKIPPIPE_CONTROL_SECRET": self.secret}
+                "SKIPPIPE_CONTROL_SECRET": self.secret,
+                "TORCH_CPP_LOG_LEVEL": os.environ.get("TORCH_CPP_LOG_LEVEL", "ERROR")}
 
     def _spawn(self, node: str, incarnation: int) -> None:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
