@@ -7,7 +7,7 @@ TORCH   ?= torch==2.13.0
 export OMP_NUM_THREADS ?= 1
 export WANDB_SILENT ?= true
 
-.PHONY: install run test test-fast lint bench bench-plan bench-plan-suite bench-runtime bench-quality bench-fault bench-verify bench-chaos clean
+.PHONY: install run test test-fast lint bench bench-plan bench-plan-suite bench-runtime bench-quality bench-fault bench-verify bench-chaos check-docs clean
 
 install: $(STAMP)
 
@@ -27,6 +27,11 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# every command block of README.md and examples/*/README.md, run as written (minutes: training,
+# torchrun, a Ray cluster on the default ports); CI runs the quick ones through tests/test_docs.py
+check-docs: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python tests/check_docs.py --all
 
 lint: install
 	$(BIN)/ruff check skippipe tests bench launch

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from skippipe.config import valid_keys
 from skippipe.docs import END, MEANINGS, START, field_comments, main, reference_rows, render, update_readme
 
@@ -61,3 +63,48 @@ def test_module_entry_point_checks_the_repo_readme():
     result = subprocess.run([sys.executable, "-m", "skippipe.docs", "--check"], cwd=REPO, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+# -- the README's and examples' command blocks (tests/check_docs.py) ---------------------------
+
+def _check_docs():
+    sys.path.insert(0, str(REPO / "tests"))
+    import check_docs
+
+    return check_docs
+
+
+def test_every_command_block_is_marked_and_parsed():
+    docs = _check_docs()
+    blocks = [b for name in docs.FILES for b in docs.parse(REPO / name)]
+    assert {b.file for b in blocks} >= {"README.md", "examples/geo_local/README.md", "examples/ray_join/README.md"}
+    assert any(b.tier == "cheap" for b in blocks)
+    ray = next(b for b in blocks if b.file == "README.md" and "ray job submit" in b.commands[0])
+    assert "--no-wait" in ray.commands[0] and "ray job logs" in ray.commands[0]
+    assert any("outputs" in line for line in ray.expected[0])
+
+
+def test_unmarked_block_is_an_error(tmp_path):
+    docs = _check_docs()
+    page = tmp_path / "README.md"
+    page.write_text("# t\n\n```bash\nskippipe train\n```\n")
+    with pytest.raises(ValueError, match="README.md:3: ```bash block without a <!-- docs"):
+        docs.parse(page)
+
+
+def test_documented_output_must_appear_in_order_with_numbers_masked():
+    docs = _check_docs()
+    actual = "noise\nsteps                   20\nval loss                3.0396\nwall time 12.0 s\r\noutputs   runs/geo\n"
+    assert docs.missing_lines(["steps 50", "...", "val loss  2.9315", "outputs runs/geo"], actual) == []
+    assert docs.missing_lines(["outputs runs/geo", "val loss 2.9315"], actual) == ["val loss 2.9315"]  # order
+    assert docs.missing_lines(["verify chain head n/a (no ledger)"], actual) == ["verify chain head n/a (no ledger)"]
+    assert docs.missing_lines(["wall time ..."], actual) == []
+
+
+def test_cheap_command_blocks_run_as_written_and_leave_the_tree_clean():
+    docs = _check_docs()
+    status = ["git", "status", "--porcelain", "--untracked-files=all"]
+    before = subprocess.run(status, cwd=REPO, capture_output=True, text=True).stdout
+    assert docs.main([]) == 0
+    after = subprocess.run(status, cwd=REPO, capture_output=True, text=True).stdout
+    assert after == before, "a documented command wrote into the repository"

@@ -1,5 +1,5 @@
 """``skippipe join RUN --node NAME --region REGION [--speed S] [--memory-gb M] [--stage K]
-[--node-ip IP] [--address ADDR] [--no-wait] [--timeout S] [--json]``.
+[--node-ip IP] [--address ADDR] [--no-wait] [--timeout S] [--wait-start S] [--json]``.
 
 Adds a node to a run that is training on a Ray cluster (``launcher=ray``, e.g. under ``ray job
 submit``). ``RUN`` is the run's ``run.name``. The run places the node (``--stage``, or the stage with
@@ -31,6 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the Ray cluster (default: RAY_ADDRESS, else the local cluster: auto)")
     parser.add_argument("--no-wait", action="store_true", help="return once the run has accepted the node")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait (default 300)")
+    parser.add_argument("--wait-start", type=float, default=0.0,
+                        help="seconds to wait for a run that has not started yet (default 0: fail at once)")
     parser.add_argument("--json", action="store_true", help="print the request's final status as JSON")
 
 
@@ -38,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
     from skippipe.runtime.join import node_spec, request_join
 
     spec = node_spec(args.node, args.region, args.speed, args.memory_gb, args.stage, args.node_ip)
-    status = request_join(args.run, spec, address=args.address, wait=not args.no_wait, timeout_s=args.timeout)
+    status = request_join(args.run, spec, address=args.address, wait=not args.no_wait, timeout_s=args.timeout,
+                          wait_start_s=args.wait_start)
     if args.json:
         print(json.dumps(status, sort_keys=True))
     elif status["status"] == "joined":

@@ -102,19 +102,21 @@ def close_mailbox(mailbox, run_name: str, timeout_s: float = 10.0) -> None:
 
 
 def request_join(run_name: str, spec: Dict[str, Any], address: Optional[str] = None, wait: bool = True,
-                 timeout_s: float = 300.0) -> Dict[str, Any]:
+                 timeout_s: float = 300.0, wait_start_s: float = 0.0) -> Dict[str, Any]:
     """Ask the running run ``run_name`` to add a node; returns the request's last status: ``joined``,
     or ``accepted`` when not ``wait``.
 
     Connects to Ray (``address``, else RAY_ADDRESS, else ``auto``) unless this process already is.
     Raises :class:`UserError` when no such run is training there or the run rejects the node, and
-    :class:`RunFailed` when the node has not got that far within ``timeout_s``.
+    :class:`RunFailed` when the node has not got that far within ``timeout_s``. ``wait_start_s``: how
+    long to wait for a run that has not started yet (right after ``ray job submit --no-wait``).
     """
-    request = submit_join(run_name, spec, address)
+    request = submit_join(run_name, spec, address, wait_start_s)
     return wait_join(request, "joined" if wait else "accepted", timeout_s)
 
 
-def submit_join(run_name: str, spec: Dict[str, Any], address: Optional[str] = None) -> Dict[str, Any]:
+def submit_join(run_name: str, spec: Dict[str, Any], address: Optional[str] = None,
+                wait_start_s: float = 0.0) -> Dict[str, Any]:
     """Leave the request in the run's mailbox; returns a handle for :func:`wait_join`."""
     address = address or os.environ.get("RAY_ADDRESS") or "auto"
     _check_reachable(address)
@@ -129,11 +131,18 @@ def submit_join(run_name: str, spec: Dict[str, Any], address: Optional[str] = No
         except (ConnectionError, RuntimeError) as err:
             raise UserError(f"--address {address}: cannot connect to a Ray cluster ({str(err).splitlines()[0]}); "
                             "give the head's address, e.g. --address 127.0.0.1:6379") from None
-    try:
-        mailbox = ray.get_actor(mailbox_name(run_name), namespace=NAMESPACE)
-    except ValueError:
-        raise UserError(f"no run named '{run_name}' is training on this Ray cluster (with launcher=ray); "
-                        "check the run's run.name") from None
+    deadline = time.monotonic() + wait_start_s
+    while True:
+        try:
+            mailbox = ray.get_actor(mailbox_name(run_name), namespace=NAMESPACE)
+            break
+        except ValueError:
+            if time.monotonic() >= deadline:
+                waited = f" (waited {wait_start_s:g} s)" if wait_start_s else ""
+                raise UserError(f"no run named '{run_name}' is training on this Ray cluster (with launcher=ray)"
+                                f"{waited}; check the run's run.name, or give --wait-start S for a run still "
+                                f"starting") from None
+            time.sleep(0.5)
     return {"run": run_name, "spec": spec, "mailbox": mailbox, "id": ray.get(mailbox.request.remote(spec))}
 
 
