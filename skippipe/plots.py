@@ -5,7 +5,9 @@
   order) vs executed timeline per node for one step. Distributed runs report per-node compute and
   wait totals in routes.jsonl (drawn as stacked bars); a ``timings[node]["events"]`` list of
   ``[microbatch, phase, start_s, end_s]``, when a worker reports it, is drawn action by action;
-- ``coverage.png``: fraction of microbatches that visited each stage (and measured busy fraction);
+- ``coverage.png``: a stage x step heat map of the fraction of each step's microbatches that visited
+  each stage (a node lost at step 5 shows from step 5 on), and per stage its mean over the run
+  (whiskers: the lowest and highest step) with the measured busy fraction;
 - ``iter_time.png``: measured vs predicted iteration time per step.
 
 Written at the end of training and on demand by ``skippipe plot RUN``. matplotlib is imported lazily
@@ -19,12 +21,11 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from skippipe.gantt import _natural
+from skippipe.gantt import draw_events, node_rows, phase_legend, stage_separators
 from skippipe.metrics import read_jsonl, read_metrics, read_run_config
 
 log = logging.getLogger(__name__)
 
-_PHASE_ALPHA = {"F": 1.0, "L": 0.8, "B": 0.55}
 _TOTAL_COLOURS = {"F": "tab:blue", "L": "tab:purple", "B": "tab:cyan", "wait": "tab:red", "other": "lightgrey"}
 
 
@@ -47,6 +48,12 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _integer_steps(ax) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def _series(metrics: List[Dict[str, Any]], key: str):
     points = [(m["step"], m[key]) for m in metrics if m.get(key) is not None and "step" in m]
     return [p[0] for p in points], [p[1] for p in points]
@@ -67,6 +74,7 @@ def plot_loss(metrics: List[Dict[str, Any]], path: Path, title: str = "") -> Pat
         ax.annotate(f"{val[-1]:.3f} (ppl {math.exp(val[-1]):.1f})", (val_steps[-1], val[-1]),
                     textcoords="offset points", xytext=(-10, 8), ha="right", fontsize=8)
     ax.set_xlabel("step")
+    _integer_steps(ax)
     ax.set_ylabel("loss (nats/token)")
     ax.set_title(title or "loss")
     ax.grid(alpha=0.3)
@@ -83,6 +91,7 @@ def plot_iter_time(metrics: List[Dict[str, Any]], path: Path, title: str = "") -
     if predicted:
         ax.plot(p_steps, predicted, "s--", ms=3, label="predicted (simulator)", color="tab:green")
     ax.set_xlabel("step")
+    _integer_steps(ax)
     ax.set_ylabel("iteration time (s)")
     _clip_outliers(ax, steps, measured, predicted)
     ax.set_title(title or "iteration time")
@@ -108,15 +117,17 @@ def _clip_outliers(ax, steps, measured, predicted) -> None:
 
 
 def plot_coverage(metrics: List[Dict[str, Any]], path: Path, title: str = "") -> Path:
-    """Mean per-stage coverage over the run's steps (whiskers: min and max), and busy fraction."""
+    """Top: stage x step heat map of ``stage/<k>/coverage``. Bottom: per stage, the mean over the run
+    (whiskers: lowest and highest step) and the measured busy fraction."""
     plt = _pyplot()
     steps = [m for m in metrics if "loss/train" in m and "loss/val" not in m]
     stages = sorted({int(k.split("/")[1]) for m in steps for k in m if k.startswith("stage/") and k.endswith("/coverage")})
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, (heat_ax, ax) = plt.subplots(2, 1, figsize=(8, 6.5), gridspec_kw={"height_ratios": [1.2, 1]})
+    _coverage_heatmap(fig, heat_ax, steps, stages)
     has_busy = any(f"stage/{s}/busy_frac" in m for m in steps for s in stages)
     width = 0.4 if has_busy else 0.6
-    for offset, key, colour, label in ((0.0, "coverage", "tab:blue", "coverage (microbatches visiting)"),
-                                       (width, "busy_frac", "tab:orange", "busy fraction (measured)")):
+    for offset, key, colour, label in ((0.0, "coverage", "tab:blue", "coverage: mean over steps (whiskers: min, max)"),
+                                       (width, "busy_frac", "tab:orange", "busy fraction (measured): mean, min, max")):
         if key == "busy_frac" and not has_busy:
             continue
         values = [[m[f"stage/{s}/{key}"] for m in steps if f"stage/{s}/{key}" in m] for s in stages]
@@ -126,11 +137,30 @@ def plot_coverage(metrics: List[Dict[str, Any]], path: Path, title: str = "") ->
         ax.bar([s + offset for s in stages], means, width, yerr=[low, high], capsize=3, color=colour, label=label)
     ax.set_xticks([s + (width / 2 if has_busy else 0) for s in stages])
     ax.set_xticklabels([f"stage {s}" for s in stages])
-    ax.set_ylim(0, 1.1)
+    ax.set_ylim(0, 1.25)
     ax.set_ylabel("fraction")
-    ax.set_title(title or "per-stage coverage")
-    ax.legend(fontsize=8)
+    ax.set_title("per stage, over the run", loc="left", fontsize=10)
+    ax.legend(fontsize=8, loc="upper right")
+    fig.suptitle(title or "per-stage coverage")
     return _save(fig, path)
+
+
+def _coverage_heatmap(fig, ax, steps: List[Dict[str, Any]], stages: List[int]) -> None:
+    """Fraction of each step's microbatches that visited each stage; blank where not recorded."""
+    nan = float("nan")
+    grid = [[m.get(f"stage/{s}/coverage", nan) for m in steps] for s in stages]
+    step_ids = [m["step"] for m in steps]
+    if not step_ids or not stages:
+        ax.set_title("coverage per step: no data", loc="left", fontsize=10)
+        return
+    extent = (step_ids[0] - 0.5, step_ids[-1] + 0.5, stages[-1] + 0.5, stages[0] - 0.5)
+    image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, extent=extent, interpolation="nearest")
+    fig.colorbar(image, ax=ax, label="fraction of the step's\nmicrobatches visiting", pad=0.01)
+    ax.set_yticks(stages)
+    ax.set_yticklabels([f"stage {s}" for s in stages])
+    ax.set_xlabel("step")
+    _integer_steps(ax)
+    ax.set_title("coverage per step (stage 0 starts and ends every microbatch: 1.0)", loc="left", fontsize=10)
 
 
 def plot_gantt(line: Dict[str, Any], cost, memory: Optional[int], path: Path, title: str = "") -> Path:
@@ -142,46 +172,36 @@ def plot_gantt(line: Dict[str, Any], cost, memory: Optional[int], path: Path, ti
     plt = _pyplot()
     plan = Plan.from_dict(line["plan"], origin=f"routes.jsonl step {line['step']}")
     stage_of = plan.stage_of()
-    nodes = sorted(stage_of, key=lambda n: (stage_of[n], _natural(n)))
-    row = {n: i for i, n in enumerate(nodes)}
-    labels = [f"{n} (stage {stage_of[n]})" for n in nodes]
+    row, labels = node_rows(stage_of, stage_of)
     timings = line.get("timings") or {}
     panels = 2 if timings else 1
-    fig, axes = plt.subplots(panels, 1, figsize=(12, (0.6 * len(nodes) + 1.2) * panels + 0.8), squeeze=False,
+    fig, axes = plt.subplots(panels, 1, figsize=(12, (0.6 * len(row) + 1.4) * panels + 0.8), squeeze=False,
                              sharex=True)
     planned_ax = axes[0][0]
     try:
         timeline = simulate(plan, cost, memory)
-        _draw_events(planned_ax, timeline.events, row)
+        draw_events(planned_ax, timeline.events, row)
         for _, start, end in timeline.allreduce:
             planned_ax.axvspan(start, end, color="grey", alpha=0.15)
+        phase_legend(planned_ax, allreduce=bool(timeline.allreduce))
         planned_ax.set_title(f"planned: {plan.method}, {timeline.makespan_s:.3f} s, {timeline.collisions} collisions"
                              + ("" if timings else "  (executed timings: distributed launchers only)"),
-                             loc="left", fontsize=10)
+                             loc="left", fontsize=10, pad=22)
     except PlanError as err:
         planned_ax.set_title(f"planned: not simulable on this cost model ({str(err)[:60]})", loc="left", fontsize=10)
     _node_axis(planned_ax, labels)
+    stage_separators(planned_ax, row, stage_of)
     if timings:
         _draw_executed(axes[1][0], timings, row)
         _node_axis(axes[1][0], labels)
+        stage_separators(axes[1][0], row, stage_of)
     fig.suptitle(title or f"step {line['step']}")
     return _save(fig, path)
 
 
-def _draw_events(ax, events, row) -> None:
-    import matplotlib.pyplot as plt
-
-    cmap = plt.get_cmap("tab20")
-    for node, mb, phase, start, end in events:
-        if node not in row:
-            continue
-        ax.barh(row[node], end - start, left=start, color=cmap(int(mb) % 20), alpha=_PHASE_ALPHA.get(phase, 1.0),
-                hatch="//" if phase == "L" else None, edgecolor="black", linewidth=0.2)
-
-
 def _draw_executed(ax, timings: Dict[str, Dict[str, Any]], row) -> None:
     if any(t.get("events") for t in timings.values()):
-        _draw_events(ax, [(n, *e) for n, t in timings.items() for e in t.get("events") or []], row)
+        draw_events(ax, [(n, *e) for n, t in timings.items() for e in t.get("events") or []], row)
         ax.set_title("executed (per action, as reported by the workers)", loc="left", fontsize=10)
         return
     labelled = set()
@@ -199,7 +219,7 @@ def _draw_executed(ax, timings: Dict[str, Dict[str, Any]], row) -> None:
                     label=None if label in labelled else label)
             labelled.add(label)
             left += seconds
-    ax.set_title("executed (per-node totals of the step, measured by the workers)", loc="left", fontsize=10)
+    ax.set_title("executed (per-node totals of the step, measured by the workers)", loc="left", fontsize=10, pad=22)
     ax.legend(fontsize=7, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=5, frameon=False)
 
 

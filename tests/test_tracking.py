@@ -278,3 +278,30 @@ def test_checkpoint_manifests_become_a_wandb_artifact(tmp_path, monkeypatch):
         time.sleep(0.2)
     assert len(artifacts) == 1 and artifacts[0].type == "checkpoint-manifest"
     assert sorted(c.path for c in artifacts[0].manifest.contents) == ["2/manifest.json", "4/manifest.json"]
+
+
+def test_coverage_heatmap_is_stage_by_step_and_the_plots_explain_themselves(tmp_path):
+    """A stage that loses coverage at step 5 shows from step 5 on (not averaged away), the step axis
+    has integer ticks, and the Gantt legend names shades, hatching, colours and the grey bands."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from skippipe.gantt import phase_legend
+    from skippipe.plots import _coverage_heatmap, plot_coverage
+
+    steps = [{"step": s, "loss/train": 3.0, "stage/0/coverage": 1.0, "stage/1/coverage": 0.5 if s < 5 else 0.25}
+             for s in range(8)]
+    fig, ax = plt.subplots()
+    _coverage_heatmap(fig, ax, steps, [0, 1])
+    grid = ax.images[0].get_array()
+    assert grid.shape == (2, 8) and list(grid[1]) == [0.5] * 5 + [0.25] * 3 and list(grid[0]) == [1.0] * 8
+    assert all(float(t).is_integer() for t in ax.get_xticks())
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["stage 0", "stage 1"]
+    phase_legend(ax)
+    legend = " ".join(t.get_text() for t in ax.get_legend().get_texts())
+    for words in ("forward", "hatched", "backward", "microbatch", "all-reduce"):
+        assert words in legend, legend
+    plt.close(fig)
+    assert plot_coverage(steps, tmp_path / "coverage.png").stat().st_size > 10_000

@@ -93,7 +93,7 @@ def run(args) -> int:
     if args.gantt:
         from skippipe.gantt import draw_gantt
 
-        draw_gantt(timeline, args.gantt, f"{cfg.run.name}: {plan.method}, {timeline.makespan_s:.1f} s")
+        draw_gantt(timeline, args.gantt, f"{cfg.run.name}: {plan.method}, {timeline.makespan_s:.1f} s", plan=plan)
     if args.json:
         print(json.dumps({"config": config, "method": cfg.schedule.method, "allocation": plan.allocation,
                           "lower_bound_s": plan.extra["lower_bound"]["lower_bound_s"],
