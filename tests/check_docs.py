@@ -126,7 +126,8 @@ def missing_lines(expected: List[str], actual: str) -> List[str]:
     return missing
 
 
-def run_file(blocks: List[Block], tiers: set, show: bool = False, timeout_s: float = 900.0) -> List[str]:
+def run_file(blocks: List[Block], tiers: set, show: bool = False, timeout_s: float = 900.0,
+             lines: Optional[set] = None) -> List[str]:
     """Run the selected blocks of one file in one shell session; returns the failures."""
     failures = []
     env = dict(os.environ)
@@ -135,7 +136,7 @@ def run_file(blocks: List[Block], tiers: set, show: bool = False, timeout_s: flo
         state = Path(tmp) / "env.sh"
         state.write_text("")
         for block in blocks:
-            if block.tier not in tiers:
+            if block.tier not in tiers or (lines and block.line not in lines):
                 continue
             for command, expected in zip(block.commands, block.expected):
                 script = f"source {state}\nset -eo pipefail\n{command}\nexport -p > {state}\n"
@@ -164,11 +165,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--all", action="store_true", help="also the full blocks (training, torchrun, Ray)")
     parser.add_argument("--file", action="append", help="only these files (repository-relative)")
     parser.add_argument("--show", action="store_true", help="print each command's output")
+    parser.add_argument("--line", type=int, action="append", help="only the blocks starting at these lines")
     args = parser.parse_args(argv)
     tiers = {"cheap", "full"} if args.all else {"cheap"}
     failures = []
     for name in args.file or FILES:
-        failures += run_file(parse(REPO / name), tiers, args.show)
+        failures += run_file(parse(REPO / name), tiers, args.show, lines=set(args.line or []))
     for failure in failures:
         print(f"FAILED {failure}\n", file=sys.stderr)
     print(f"docs: {'OK' if not failures else f'{len(failures)} failed'}", file=sys.stderr)
