@@ -16,7 +16,7 @@ environment's ``bin/`` first on PATH (as after ``. .venv/bin/activate``).
 Outputs are compared line by line, in order, as a subsequence of what the commands printed: numbers,
 hashes and Ray job ids are masked (times, losses and allocations depend on the machine), runs of
 spaces and of ``-`` are folded, a line ``...`` stands for any number of lines, and progress-bar lines
-are not compared.
+are not compared; ``...`` inside a line stands for any text.
 """
 
 from __future__ import annotations
@@ -115,10 +115,10 @@ def missing_lines(expected: List[str], actual: str) -> List[str]:
     for line in expected:  # "..." and gaps between documented lines are always allowed
         if not line.strip() or line.strip() == "..." or is_progress(line):
             continue
-        want = normalize(line)
-        prefix = want.endswith("...")  # a documented line cut short with "..." matches by its beginning
-        want = want[:-3].rstrip() if prefix else want
-        hit = next((i for i in range(pos, len(got)) if (got[i].startswith(want) if prefix else got[i] == want)), None)
+        want = normalize(line)  # "..." inside a documented line stands for any text
+        pattern = re.compile(".*".join(re.escape(part.strip()) for part in want.split("...")) + ("" if "..." in want else "$"))
+        hit = next((i for i in range(pos, len(got)) if pattern.fullmatch(got[i]) or
+                    ("..." in want and pattern.match(got[i]))), None)
         if hit is None:
             missing.append(line)
         else:

@@ -99,6 +99,7 @@ def test_documented_output_must_appear_in_order_with_numbers_masked():
     assert docs.missing_lines(["outputs runs/geo", "val loss 2.9315"], actual) == ["val loss 2.9315"]  # order
     assert docs.missing_lines(["verify chain head n/a (no ledger)"], actual) == ["verify chain head n/a (no ledger)"]
     assert docs.missing_lines(["wall time ..."], actual) == []
+    assert docs.missing_lines(["outputs .../geo"], actual) == [] and docs.missing_lines(["outputs .../tiny"], actual)
 
 
 def test_cheap_command_blocks_run_as_written_and_leave_the_tree_clean():

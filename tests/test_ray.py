@@ -270,8 +270,8 @@ def test_worker_cpus_fit_the_cluster_or_fail_naming_the_key():
 
     auto = load_config("configs/tiny.yaml", [])
     assert auto.ray.num_cpus_per_worker is None
-    assert worker_cpus(auto, 6, {"CPU": 16.0}) == 1.0
-    assert worker_cpus(auto, 6, {"CPU": 2.0}) == 0.33  # `ray start --head` on a 2-core box
+    assert worker_cpus(auto, 6, {"CPU": 16.0}) == 1.0 and worker_cpus(auto, 6, {"CPU": 6.0}) == 0.85
+    assert worker_cpus(auto, 6, {"CPU": 2.0}) == 0.28  # `ray start --head` on a 2-core box; room for a join
     with pytest.raises(UserError, match="0 free CPUs for 6 workers"):
         worker_cpus(auto, 6, {})
     explicit = load_config("configs/tiny.yaml", ["ray.num_cpus_per_worker=1"])

@@ -199,19 +199,20 @@ def connect_ray(cfg: Config) -> None:
 
 def worker_cpus(cfg: Config, num_workers: int, available: Dict[str, float]) -> float:
     """CPUs per worker actor: ``ray.num_cpus_per_worker``, or (unset) 1 when the cluster's free CPUs
-    allow it, else an equal share of them (rounded down to 0.01, Ray's resource granularity is 1e-4).
+    allow it, else an equal share of them that leaves one share free for a node that joins later
+    (``skippipe join``), rounded down to 0.01 (Ray's resource granularity is 1e-4).
     Fails at once, naming the key and the numbers, when the request cannot fit: a placement group
     that cannot be placed would otherwise wait for ``runtime.timeout_s * 4`` seconds."""
     free = float(available.get("CPU", 0.0))
     wanted = cfg.ray.num_cpus_per_worker
     if wanted is None:
-        share = math.floor(100 * free / max(1, num_workers)) / 100
+        share = math.floor(100 * free / (num_workers + 1)) / 100
         if share <= 0:
             raise UserError(f"the Ray cluster has {free:g} free CPUs for {num_workers} workers; "
                             f"free some or set ray.num_cpus_per_worker (e.g. 0.1)")
         if share < 1.0:
-            log.info("ray.num_cpus_per_worker unset: %d workers share the cluster's %g free CPUs, %.2f each",
-                     num_workers, free, share)
+            log.info("ray.num_cpus_per_worker unset: %d workers (and room for one that joins) share the "
+                     "cluster's %g free CPUs, %.2f each", num_workers, free, share)
         return min(1.0, share)
     if wanted <= 0:
         raise UserError(f"ray.num_cpus_per_worker={wanted:g} must be > 0")
