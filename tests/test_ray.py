@@ -224,6 +224,18 @@ def test_join_command_bad_input_is_one_line(capsys):
 
 
 @pytest.mark.slow
+def test_too_many_cpus_per_worker_fails_in_seconds(ray_cluster, tmp_path):
+    """The fixture's cluster has 4 CPUs; 6 workers x 1 CPU cannot be placed: one error naming the key,
+    at once, instead of a placement group that waits runtime.timeout_s * 4."""
+    from skippipe.errors import UserError
+
+    cfg = config(tmp_path, "ray.num_cpus_per_worker=1")
+    start = time.monotonic()
+    with pytest.raises(UserError, match=r"ray.num_cpus_per_worker=1 x 6 workers = 6 CPUs.*has 4 free"):
+        train_ray(cfg)
+    assert time.monotonic() - start < 30
+
+
 def test_ray_job_submit_end_to_end(tmp_path):
     """`ray start --head` on 127.0.0.1, `ray job submit`, `skippipe join` of a new node into the
     running job, `ray stop` (its own cluster, not the fixture's)."""
@@ -292,15 +304,3 @@ def test_ray_run_dir_is_persistent_and_absolute(tmp_path):
     assert resolve_run_dir(stored, copy) == tmp_path / "store" / "tiny"
     explicit = load_config("configs/tiny.yaml", ["run.dir=/tmp/elsewhere", f"ray.storage_path={tmp_path}"])
     assert resolve_run_dir(explicit, copy) == Path("/tmp/elsewhere")
-
-
-def test_too_many_cpus_per_worker_fails_in_seconds(ray_cluster, tmp_path):
-    """The fixture's cluster has 4 CPUs; 6 workers x 1 CPU cannot be placed: one error naming the key,
-    at once, instead of a placement group that waits runtime.timeout_s * 4."""
-    from skippipe.errors import UserError
-
-    cfg = config(tmp_path, "ray.num_cpus_per_worker=1")
-    start = time.monotonic()
-    with pytest.raises(UserError, match=r"ray.num_cpus_per_worker=1 x 6 workers = 6 CPUs.*has 4 free"):
-        train_ray(cfg)
-    assert time.monotonic() - start < 30
