@@ -62,6 +62,7 @@ class TrainConfig:
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 10
+    lr_steps: Optional[int] = None  # horizon of the warmup + cosine schedule (lr stays at its floor after it); None: train.steps
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95

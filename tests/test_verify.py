@@ -135,3 +135,29 @@ def test_ops_on_state_level_runs_says_it_needs_full(allocation, tmp_path, capsys
     assert code == 1 and report["first_divergent_step"] == 1
     assert report["ops"]["operator"] is None
     assert "verify.level=full" in report["ops"]["reason"] and "verify.level=states" in report["ops"]["reason"]
+
+
+def test_resume_with_more_steps_extends_the_run_on_its_lr_schedule(tmp_path, capsys):
+    """run.resume=true train.steps=9 on a finished 6-step run: it continues (the schedule keeps its
+    6-step horizon, recorded in the ledger header), its step roots equal a fresh run with
+    train.lr_steps=6, it verifies, and the summary counts every step's tokens and shows the chain."""
+    common = ["launcher=inprocess", "checkpoint.every=3", "verify.level=states"]
+    run = train(tmp_path / "ext", *common, "train.steps=6")
+    head = json.loads(steps_lines(run).splitlines()[-1])["chain"]
+    train(run, *common, "train.steps=6", "run.resume=true")  # a finished run: nothing to do
+    assert metrics_of(run)[-1]["verify/chain"] == head[:12]  # the summary's chain head, not "n/a (no ledger)"
+    train(run, *common, "train.steps=9", "run.resume=true")
+    ref = train(tmp_path / "ref", *common, "train.steps=9", "train.lr_steps=6")
+    roots = [[json.loads(x)["root"] for x in steps_lines(r).splitlines()] for r in (run, ref)]
+    assert len(roots[0]) == 9 and roots[0] == roots[1]
+    header = json.loads((run / "ledger" / "header.json").read_text())
+    assert header["info"]["extended"] == [{"from_step": 6, "train.steps": 9, "lr_horizon": 6}]
+    lines = metrics_of(run)
+    assert [m["step"] for m in lines if "loss/val" not in m] == list(range(9))
+    assert lines[-1]["tokens"] == metrics_of(ref)[-1]["tokens"]  # all 9 steps, not the 3 resumed
+    code, report = verify(capsys, run)
+    assert code == 0 and report["ok"]
+
+
+def metrics_of(run):
+    return [json.loads(x) for x in (Path(run) / "metrics.jsonl").read_text().splitlines()]

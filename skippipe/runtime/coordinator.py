@@ -281,7 +281,7 @@ class Coordinator:
         samples = cfg.train.samples_per_microbatch
         start = time.perf_counter()
         record: Dict[str, Any] = {}
-        tokens = 0
+        tokens = self.first_step * planner.state.microbatches * samples * spec.seq_len  # steps before a resume
         bar = Progress(cfg.train.steps, cfg.tracking.progress, cfg.tracking.log_every)
         monitor = self.monitor = FaultMonitor(cfg, planner.topology.names(), topology_path=out / "topology.yaml")
         recorder = self.recorder

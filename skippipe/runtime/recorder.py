@@ -37,7 +37,7 @@ class RunRecorder:
         self.stage_of: Dict[int, Dict[str, int]] = {}
         self.stage_state: Dict[int, Dict[int, Dict[str, str]]] = {}  # step -> stage -> reported digests
         self.next_step = 0 if resume_from_step is None else resume_from_step + 1
-        self.chain: Optional[str] = None
+        self.chain: Optional[str] = self.writer.head if self.writer is not None else None  # kept by a resume
         self.checkpoints: Dict[int, List[dict]] = {}
 
     # -- ledger ---------------------------------------------------------------------------------

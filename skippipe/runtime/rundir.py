@@ -40,6 +40,7 @@ def prepare(cfg: Config, header_extra: Dict[str, Any]) -> Optional[int]:
     check_run_dir(cfg)
     out = run_dir(cfg)
     if cfg.run.resume:
+        keep_lr_schedule(cfg, out)  # before the header is compared: a resume may change train.steps
         return _check_resume(cfg, out, header_extra)
     if cfg.run.overwrite and out.is_dir():
         for name in RUN_OUTPUTS:
@@ -49,6 +50,27 @@ def prepare(cfg: Config, header_extra: Dict[str, Any]) -> Optional[int]:
             elif path.exists() or path.is_symlink():
                 path.unlink()
     return None
+
+
+def keep_lr_schedule(cfg: Config, out: Path) -> None:
+    """``run.resume=true`` with another ``train.steps`` extends (or shortens) the run: the learning-rate
+    schedule keeps the horizon the run was started with (``train.lr_steps``; past it the lr stays at
+    ``min_lr_ratio * lr``), so the steps already in the ledger keep their lr and still replay. Reads
+    the run's config.yaml, writes nothing."""
+    import logging
+
+    from omegaconf import OmegaConf
+
+    path = out / "config.yaml"
+    if not cfg.run.resume or cfg.train.lr_steps is not None or not path.is_file():
+        return
+    old = OmegaConf.load(path).train
+    horizon = old.get("lr_steps") or old.steps
+    if horizon != cfg.train.steps:
+        cfg.train.lr_steps = int(horizon)
+        logging.getLogger("skippipe").info(
+            "run.resume: train.steps %d -> %d; the learning-rate schedule keeps its horizon of %d steps "
+            "(train.lr_steps=%d)", old.steps, cfg.train.steps, horizon, horizon)
 
 
 def _check_resume(cfg: Config, out: Path, header_extra: Dict[str, Any]) -> Optional[int]:

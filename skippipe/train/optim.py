@@ -26,7 +26,8 @@ def lr_at(step: int, train_cfg) -> float:
     """Linear warm-up for ``warmup_steps``, then cosine decay to ``min_lr_ratio * lr``."""
     if train_cfg.warmup_steps > 0 and step < train_cfg.warmup_steps:
         return train_cfg.lr * (step + 1) / train_cfg.warmup_steps
-    span = max(1, train_cfg.steps - train_cfg.warmup_steps)
+    horizon = getattr(train_cfg, "lr_steps", None) or train_cfg.steps  # a run extended by resume keeps its schedule
+    span = max(1, horizon - train_cfg.warmup_steps)
     progress = min(1.0, (step - train_cfg.warmup_steps) / span)
     floor = train_cfg.min_lr_ratio * train_cfg.lr
     return floor + (train_cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -242,13 +242,30 @@ def describe_differences(header_a: dict, header_b: dict, fields: List[str]) -> L
 # writing
 
 
+def extension(on_disk: dict, header: dict, step: int) -> Optional[dict]:
+    """A resume with another ``train.steps`` but the same lr horizon (``train.lr_steps``) extends the
+    run: only those two fields differ. Returns the record for ``info.extended`` in header.json
+    (``info`` is not part of the chain), or None when the resume is not such an extension."""
+    differ = comparable(on_disk, header)
+    if not differ or not set(differ) <= {"config.train.steps", "config.train.lr_steps"}:
+        return None
+
+    def horizon(h):
+        train = h["config"]["train"]
+        return train.get("lr_steps") or train["steps"]
+
+    if horizon(on_disk) != horizon(header):
+        return None
+    return {"from_step": step + 1, "train.steps": header["config"]["train"]["steps"], "lr_horizon": horizon(header)}
+
+
 def resume_lines(ledger_dir: Path, header: dict, step: int) -> Tuple[dict, List[dict]]:
     """(header on disk, lines of steps 0..step) of a ledger to resume after ``step``; UserError when
     ``header`` is not comparable or the chain is broken. Read-only (validate before writing)."""
     ledger_dir = Path(ledger_dir)
     steps_path = ledger_dir / "steps.jsonl"
     on_disk = _read_header(ledger_dir / "header.json")
-    differ = comparable(on_disk, header)
+    differ = [] if extension(on_disk, header, step) else comparable(on_disk, header)
     if differ:
         raise UserError(f"run.resume: {ledger_dir / 'header.json'} was written by a different setup; "
                         f"differs in {', '.join(describe_differences(on_disk, header, differ))}")
@@ -299,7 +316,16 @@ class LedgerWriter:
     def _resume(self, header: dict, step: int) -> Tuple[dict, List[dict]]:
         on_disk, kept = resume_lines(self.dir, header, step)
         self._remove_leaves_after(step)
+        extended = extension(on_disk, header, step)
+        if extended:  # written once the resume is known to go ahead
+            on_disk.setdefault("info", {}).setdefault("extended", []).append(extended)
+            write_text_atomic(self.dir / "header.json", json.dumps(on_disk, indent=1, sort_keys=True) + "\n")
         return on_disk, kept
+
+    @property
+    def head(self) -> Optional[str]:
+        """The chain value of the last step written or kept (None before the first step)."""
+        return self._prev if self._next_step else None
 
     def _remove_leaves_after(self, step: int) -> None:
         for path in self.leaves_dir.glob("*.json"):
