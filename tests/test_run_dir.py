@@ -53,7 +53,8 @@ def test_train_into_a_finished_run_is_refused(finished, capsys):
 
 
 @pytest.mark.parametrize("overrides, words", [
-    (["run.resume=true", "train.steps=6"], "train.steps"),  # resume with a changed config
+    (["run.resume=true", "train.weight_decay=0.2"], "train.weight_decay"),  # resume with a changed config
+    (["run.resume=true", "train.steps=2"], "train.steps"),  # fewer steps than its checkpoint (more extend it)
     (["run.resume=true", "train.lr=-1"], "train.lr"),  # an invalid override
     (["run.resume=true", "train.lr=nan"], "train.lr"),
     (["run.resume=true", "fault.kill.step=1", "fault.kill.node=zz"], "no such node"),
