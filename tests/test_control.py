@@ -44,6 +44,10 @@ def test_forged_wrong_key_and_replayed_values_are_rejected():
     assert reader.read("cmd/2") is None and reader.rejected == 3
     other = ControlChannel(store, 10.0, secret=new_secret())  # a writer with the wrong secret
     other.put("cmd/3", {"stop": True})
+    deadline = time.monotonic() + 10
+    while not reader.store.check(["cmd/3"]):  # another client's write: wait until the store shows it
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     assert reader.read("cmd/3") is None and reader.rejected == 4
     assert reader.read("cmd/1") == {"stop": True}
 
