@@ -36,7 +36,7 @@ from skippipe.plan import Plan
 from skippipe.runtime.control import ControlChannel, connect_store
 from skippipe.runtime.transport import ACT, GRAD, Aborted, LinkModel, Transport, TransportError, Waiter
 from skippipe.train import compute
-from skippipe.verify.leaves import data_leaf, hop_leaf, load_state_tensors, state_digests, state_tensors
+from skippipe.verify.leaves import data_leaf, gnorm_leaves, hop_leaf, load_state_tensors, state_digests, state_tensors
 
 log = logging.getLogger("skippipe.worker")
 
@@ -431,6 +431,8 @@ class Worker:
             if stage_id >= 0 and stage_id not in per_stage:
                 per_stage[stage_id] = e[1].cpu()
         norm, scale = compute.clip_coefficient([per_stage[k] for k in sorted(per_stage)], self.cfg.train.grad_clip)
+        if self.level != "off":
+            self.leaves.update(gnorm_leaves(per_stage))
         if grad is not None:
             self.pending = PendingUpdate(step, grad, scale, lr)
         return norm

@@ -18,7 +18,15 @@ from skippipe.plan import Plan
 from skippipe.train import compute
 from skippipe.train.compute import GradAccumulator
 from skippipe.train.optim import apply_step, make_optimizer
-from skippipe.verify.leaves import data_leaf, hop_leaf, loss_leaves, node_state_leaves, route_leaf, state_digests
+from skippipe.verify.leaves import (
+    data_leaf,
+    gnorm_leaves,
+    hop_leaf,
+    loss_leaves,
+    node_state_leaves,
+    route_leaf,
+    state_digests,
+)
 
 
 @dataclass
@@ -95,13 +103,14 @@ class ReferenceExecutor:
     def step(self, plan: Plan, microbatches: List[Microbatch], lr: float, level: str = "off") -> StepResult:
         leaves: Dict[str, str] = {}
         grads, losses = self.gradients(plan, microbatches, level, leaves)
-        norm, scale = compute.clip_coefficient([compute.grad_sq_norm(grads[k]) for k in sorted(grads)],
-                                               self.train_cfg.grad_clip)
+        sq_norms = {k: compute.grad_sq_norm(grads[k]) for k in sorted(grads)}
+        norm, scale = compute.clip_coefficient([sq_norms[k] for k in sorted(sq_norms)], self.train_cfg.grad_clip)
         for k in sorted(grads):
             apply_step(self.stages[k], self.optimizers[k], grads[k], scale, lr)
         if level != "off":  # every replica holds the same state: hash once, name it per node
             leaves.update(route_leaf(plan))
             leaves.update(loss_leaves(losses))
+            leaves.update(gnorm_leaves(sq_norms))
             for k, nodes in enumerate(plan.allocation):
                 if nodes:
                     leaves.update(node_state_leaves(k, nodes, state_digests(self.stages[k], self.optimizers[k])))

@@ -46,6 +46,13 @@ def loss_leaves(losses: Dict[int, float]) -> Dict[str, str]:
     return {ledger.loss_leaf(mb): bytes_digest("loss", struct.pack("<d", float(v))) for mb, v in losses.items()}
 
 
+def gnorm_leaves(stage_sq_norms: Dict[int, object]) -> Dict[str, str]:
+    """``gnorm/stage<k>``: each stage's squared gradient norm before the global-norm clip. The clip
+    scales every stage's update by one factor, so a gradient wrong in one stage changes every stage's
+    state; these leaves come first in a step's update and name the stage where it started."""
+    return {f"gnorm/stage{k}": bytes_digest("gnorm", struct.pack("<d", float(v))) for k, v in stage_sq_norms.items()}
+
+
 def hop_leaf(kind: str, microbatch_id: int, hop: int, sender_stage: int, tensor: torch.Tensor) -> Dict[str, str]:
     name = (ledger.act_leaf if kind == "act" else ledger.grad_leaf)(microbatch_id, hop, sender_stage)
     return {name: tensor_digest(kind, tensor)}
