@@ -48,7 +48,7 @@ def main(argv) -> int:
     overrides = list(argv[1:] if config else argv)
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     if restart:  # torchrun restarted the group after a failure: continue from the last verified checkpoint
-        overrides.append("run.resume=true")
+        overrides += ["run.resume=true", "run.overwrite=false"]  # resume what the first attempt started
     try:
         cfg = load_config(config, overrides)
         env = WorkerEnv.from_environ()
