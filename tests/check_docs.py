@@ -148,7 +148,7 @@ def run_file(blocks: List[Block], tiers: set, show: bool = False, timeout_s: flo
                       file=sys.stderr)
                 if show:
                     print(proc.stdout)
-                expects_failure = any(x.startswith("error:") for x in expected) or "echo $?" in command
+                expects_failure = any(x.startswith(("error:", "FAILED:")) for x in expected) or "echo $?" in command
                 if proc.returncode != 0 and not expects_failure:
                     failures.append(f"{where}: `{command.splitlines()[0]}` exited {proc.returncode}:\n"
                                     f"{proc.stdout[-2000:]}")
