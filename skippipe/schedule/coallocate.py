@@ -116,7 +116,7 @@ def to_labels(allocation: Allocation, names: Sequence[str]) -> np.ndarray:
     return labels
 
 
-def search(topology, link_s: np.ndarray, sizes: Sequence[int], seeds: List[Tuple[str, np.ndarray]],
+def search(topology, link_s: np.ndarray, seeds: List[Tuple[str, np.ndarray]],
            proxy: Callable[[np.ndarray], float], misfit: np.ndarray, rng: random.Random,
            evaluations: int, keep: int = 2) -> List[Tuple[float, str, np.ndarray]]:
     """Rank ``seeds`` by ``proxy``, improve the best by local search; the ``keep`` best, best first."""
@@ -235,7 +235,7 @@ def allocate_by_plan(topology, cost, params, dtfm: Optional[Allocation] = None):
     microbatches = sizes[0] * params.microbatches_per_originator
     starts = 6 if microbatches * hops <= 2000 else 1  # at scale each proxy call is a large placement
     seeds = [("dtfm", to_labels(dtfm, names))] + candidate_labellings(topology, link_s, sizes, rng, starts)
-    top = search(topology, link_s, sizes, seeds, proxy, misfit, rng,
+    top = search(topology, link_s, seeds, proxy, misfit, rng,
                  proxy_evaluations(len(names), microbatches, hops), keep=2)
     tried = [("dtfm", dtfm)] + [(tag, to_allocation(labels, names, len(sizes))) for _, tag, labels in top
                                 if tag != "dtfm"]
