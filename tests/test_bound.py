@@ -146,3 +146,22 @@ def test_reference_geo20_matches_the_reference_paths():
     assert reference_s == pytest.approx(32.48, abs=0.01)
     _, plan, _ = allocate_by_plan(topo, cost, SchedulerParams.from_config(cfg))
     assert plan.predicted_makespan_s <= reference_s + 1e-6
+
+
+def test_joint_gradient_bound_holds_when_the_stages_cannot_all_have_fast_links():
+    # three stages of two replicas over regions of 3, 2 and 1 nodes with slow links between them:
+    # each stage alone could sit inside a region, but not all three at once
+    regions = ["a", "b", "c"]
+    lat = [[1.0, 40.0, 60.0], [40.0, 1.0, 80.0], [60.0, 80.0, 1.0]]
+    bw = [[10.0, 0.2, 0.1], [0.2, 10.0, 0.3], [0.1, 0.3, 10.0]]
+    nodes = [Node(f"n{i}", r) for i, r in enumerate(["a", "a", "a", "b", "b", "c"])]
+    topo = Topology(regions, lat, bw, nodes)
+    cfg = load_config(None, ["model.preset=tiny"])
+    spec = resolve_model_spec(cfg.model, vocab_size=256)
+    sizes, visited, per_orig, memory = [2, 2, 2], 3, 1, 1
+    cost = CostModel(topo, spec, len(sizes), 8, fwd_s_per_sample_layer=0.01, grad_sync=True)
+    bound = lower_bound(cost, topo.names(), len(sizes), sizes[0], visited, sizes[0] * per_orig, memory,
+                        stage_sizes=sizes)
+    slow_link = min(cost.stage_param_bytes(k) for k in range(3)) / (0.3e9 / 8)  # 2 (n-1)/n = 1
+    assert bound.grad_sync_s >= slow_link
+    assert bound.lower_bound_s <= _exhaustive_min(topo, cost, sizes, visited, per_orig, memory) + 1e-9

@@ -20,6 +20,8 @@ check it against exhaustive search on small problems. Three relaxations, the lar
 3. **Gradient reduction** (with ``cost.grad_sync``): stage 0's ring all-reduce starts after the
    last stage-0 backward (bound 1 plus the all-reduce over the best links a group that size can
    have); at least ``L - 1`` other stages are visited, and each all-reduces after its last visit.
+   Jointly: the stages' groups are disjoint, so not all of them can sit on the fastest links; a
+   packing of region cliques bounds the slowest group's link (:mod:`skippipe.schedule.cliques`).
 
 Walks may revisit nodes (a relaxation of distinct stages), and which nodes hold stage 0 is left
 free, so the bound also holds across allocations. Links carry no contention in the simulator
@@ -91,16 +93,20 @@ def lower_bound(cost, nodes: Sequence[str], num_stages: int, stage0_nodes: int, 
                                    n - stage0_nodes, microbatches * hops)
     grad_sync_s = 0.0
     if getattr(cost, "grad_sync", False) and n > 1:
+        from skippipe.schedule.cliques import RegionView
+
+        view = RegionView(cost.topology, names)
         if stage0_nodes > 1:
-            grad_sync_s = originators_s + _allreduce_floor(cost, names, stage0_nodes, 0)
+            grad_sync_s = originators_s + _allreduce_floor(cost, view, stage0_nodes, 0)
         if hops > 0 and stage_sizes and len(stage_sizes) == num_stages:
             # at least L - 1 distinct other stages are visited, each all-reduces after a visit ends
             # there (at the earliest: stage-0 forward, a link, F, links out and back, loss, B)
-            floors = sorted(_allreduce_floor(cost, names, stage_sizes[k], k) if stage_sizes[k] > 1 else 0.0
+            floors = sorted(_allreduce_floor(cost, view, stage_sizes[k], k) if stage_sizes[k] > 1 else 0.0
                             for k in range(1, num_stages))
             link = float(np.min(one_way))
             first_end = float(np.min(f0)) + 3 * link + float(np.min(wk)) + float(np.min(loss))
             grad_sync_s = max(grad_sync_s, first_end + floors[hops - 1] if hops <= len(floors) else 0.0)
+            grad_sync_s = max(grad_sync_s, _joint_allreduce(cost, view, stage_sizes, hops, originators_s, first_end))
     best = max(originators_s, visits_s, grad_sync_s)
     return Bound(best, originators_s, visits_s, grad_sync_s, float(np.min(cycles)))
 
@@ -159,52 +165,59 @@ def _capacity_bound(servers: List[tuple], count: int, demand: int) -> float:
     return float(values[lo])
 
 
-def _allreduce_floor(cost, names: Sequence[str], replicas: int, stage: int = 0) -> float:
+def _allreduce_floor(cost, view, replicas: int, stage: int = 0) -> float:
     """The ring all-reduce of ``stage`` (``CostModel.allreduce_s``: volume over the slowest link of
     the group, plus latency over the worst) for the best group of ``replicas`` nodes anywhere.
 
     A group spans a set of regions; its slowest link is at most the slowest link between two of
     those regions (or the region's own link when it is one region), and its worst latency at
-    least the worst between two of them. Over every region set with enough nodes (12 regions: 4096
-    sets), the best of each is a bound; with more than 16 regions, the fastest link anywhere.
+    least the worst between two of them. Over every region set with enough nodes
+    (:meth:`cliques.RegionView.best_group`), the best of each is a bound; with more regions than
+    can be enumerated, the fastest link and the least latency anywhere.
     """
-    import itertools
-
-    topo = cost.topology
-    region_of = {n: topo.node(n).region for n in names}
-    regions = sorted(set(region_of.values()))
-    count = {r: sum(1 for n in names if region_of[n] == r) for r in regions}
-    rep = {r: next(n for n in names if region_of[n] == r) for r in regions}
-    mates = {r: [n for n in names if region_of[n] == r][:2] for r in regions}
-
-    def bw(a, b):
-        return topo.bandwidth_bytes_per_s(a, b)
-
-    def lat(a, b):
-        return topo.latency_s(a, b)
-
-    best_bw, least_lat = 0.0, float("inf")
-    if len(regions) > 16:
-        best_bw = max(bw(a, b) for a in names for b in names if a != b)
-        least_lat = min(lat(a, b) for a in names for b in names if a != b)
+    if view.usable():
+        best_bw, least_lat = view.best_group(replicas)
     else:
-        for size in range(1, len(regions) + 1):
-            for group in itertools.combinations(regions, size):
-                if sum(count[r] for r in group) < replicas:
-                    continue
-                if size == 1:
-                    r = group[0]
-                    if count[r] < 2:
-                        continue
-                    a, b = mates[r]
-                    slowest, worst = bw(a, b), lat(a, b)
-                else:
-                    pairs = list(itertools.combinations(group, 2))
-                    slowest = min(bw(rep[x], rep[y]) for x, y in pairs)
-                    worst = max(lat(rep[x], rep[y]) for x, y in pairs)
-                best_bw, least_lat = max(best_bw, slowest), min(least_lat, worst)
+        names, topo = view.names, cost.topology
+        best_bw = max(topo.bandwidth_bytes_per_s(a, b) for a in names for b in names if a != b)
+        least_lat = min(topo.latency_s(a, b) for a in names for b in names if a != b)
     volume = 2.0 * (replicas - 1) / replicas * cost.stage_param_bytes(stage)
     return volume / best_bw + 2 * (replicas - 1) * (least_lat + cost.message_overhead_s)
+
+
+def _joint_allreduce(cost, view, sizes: Sequence[int], hops: int, stage0_start: float,
+                     other_start: float) -> float:
+    """Gradient reduction of the stages together: their groups are disjoint, so they cannot all
+    have the best links (:func:`cliques.packing_threshold`). For every set ``V`` of ``hops``
+    other stages that a plan could visit alone, the slowest link of the slowest group of stage 0
+    and ``V`` is at most the packing threshold ``B`` of their sizes, and that group's all-reduce
+    starts no sooner than its stage's first possible end of work: the least over those stages of
+    start + volume / ``B`` + the latency floor, and the least over ``V``, is a bound."""
+    import itertools
+
+    from skippipe.schedule.cliques import packing_threshold
+
+    if not view.usable():
+        return 0.0
+    names, topo = view.names, cost.topology
+    least_lat = min(topo.latency_s(a, b) for a in names for b in names if a != b)
+    cache: Dict[tuple, Optional[float]] = {}
+    best = float("inf")
+    for visited in itertools.combinations(range(1, len(sizes)), hops):
+        stages = [k for k in (0, *visited) if sizes[k] > 1]
+        if not stages:
+            return 0.0
+        key = tuple(sorted(sizes[k] for k in stages))
+        if key not in cache:
+            cache[key] = packing_threshold(view, key)
+        threshold = cache[key]
+        if threshold is None or not math.isfinite(threshold):
+            return 0.0
+        value = min((stage0_start if k == 0 else other_start)
+                    + 2.0 * (sizes[k] - 1) / sizes[k] * cost.stage_param_bytes(k) / threshold
+                    + 2 * (sizes[k] - 1) * (least_lat + cost.message_overhead_s) for k in stages)
+        best = min(best, value)
+    return 0.0 if not math.isfinite(best) else best
 
 
 def config_bound(params, topology, cost, dead: Sequence[str] = (), slowdown: Optional[Dict[str, float]] = None) -> Bound:

@@ -11,7 +11,10 @@ iteration time of a plan routed on it:
    (a nearest-neighbour chain over the link times, from several seeded starts, and one region by
    region) get their stages from a weighted round robin (stage k appears ``size_k`` times, evenly
    spread), so any run of consecutive, nearby nodes holds distinct stages and stage 0 is spread
-   over the regions.
+   over the regions. With gradient all-reduce in the cost, also the *compact* allocation
+   (:func:`cliques.compact_groups`): each stage inside a clique of fast links, since a stage spread
+   over the regions all-reduces over its slowest link. It is always among the finalists of step 4
+   (the proxy, built for the pipeline, misjudges it).
 2. **Proxy score.** The shorter of two constructions: one greedy collision-aware insertion
    (``collide.place_collision_aware``, narrow beam) on the reservation table, and dedicated paths
    (``collide.paths_dedicated``, one cycle per originator, simulated); milliseconds each.
@@ -34,6 +37,7 @@ import numpy as np
 from skippipe.errors import PlanError
 from skippipe.schedule.allocate import align, allocate, memory_misfit, partition_sizes
 from skippipe.schedule.assemble import assemble
+from skippipe.schedule.cliques import RegionView, compact_groups
 from skippipe.schedule.collide import paths_dedicated, place_collision_aware
 from skippipe.schedule.params import as_params
 from skippipe.schedule.problem import LiveState, build_problem, insertion_order
@@ -103,6 +107,18 @@ def candidate_labellings(topology, link_s: np.ndarray, sizes: Sequence[int], rng
     return out
 
 
+def compact_labellings(topology, names: Sequence[str], sizes: Sequence[int]) -> List[Tuple[str, np.ndarray]]:
+    """The compact labelling (:func:`cliques.compact_groups`): every stage in a clique of regions
+    with fast links, for iterations bound by gradient reduction; none when it cannot be built."""
+    found = compact_groups(RegionView(topology, names), sizes, [topology.node(n).speed for n in names])
+    if found is None:
+        return []
+    labels = np.empty(len(names), dtype=np.int64)
+    for k, group in enumerate(found[1]):
+        labels[group] = k
+    return [("compact", labels)]
+
+
 def to_allocation(labels: np.ndarray, names: Sequence[str], num_stages: int) -> Allocation:
     return [[names[i] for i in np.flatnonzero(labels == k)] for k in range(num_stages)]
 
@@ -118,8 +134,9 @@ def to_labels(allocation: Allocation, names: Sequence[str]) -> np.ndarray:
 
 def search(topology, link_s: np.ndarray, seeds: List[Tuple[str, np.ndarray]],
            proxy: Callable[[np.ndarray], float], misfit: np.ndarray, rng: random.Random,
-           evaluations: int, keep: int = 2) -> List[Tuple[float, str, np.ndarray]]:
-    """Rank ``seeds`` by ``proxy``, improve the best by local search; the ``keep`` best, best first."""
+           evaluations: int, keep: int = 2, always: Sequence[str] = ()) -> List[Tuple[float, str, np.ndarray]]:
+    """Rank ``seeds`` by ``proxy``, improve the best by local search; the ``keep`` best, best first,
+    then the seeds tagged in ``always`` that are not among them (a family the proxy misjudges)."""
     scored = []
     seen = set()
     for tag, labels in seeds:
@@ -139,7 +156,9 @@ def search(topology, link_s: np.ndarray, seeds: List[Tuple[str, np.ndarray]],
     if improved[0] < best_score - 1e-9:
         scored.insert(0, (improved[0], best_tag + "+search", improved[1]))
     log.debug("allocation candidates: %s", [(t, round(s, 2)) for s, t, _ in scored[:8]])
-    return scored[:keep]
+    top = scored[:keep]
+    kept = {tag.split("+")[0] for _, tag, _ in top}
+    return top + [c for c in scored[keep:] if c[1] in always and c[1] not in kept]
 
 
 def _local_search(topology, link_s, labels, score, proxy, misfit, rng, evaluations):
@@ -235,8 +254,10 @@ def allocate_by_plan(topology, cost, params, dtfm: Optional[Allocation] = None):
     microbatches = sizes[0] * params.microbatches_per_originator
     starts = 6 if microbatches * hops <= 2000 else 1  # at scale each proxy call is a large placement
     seeds = [("dtfm", to_labels(dtfm, names))] + candidate_labellings(topology, link_s, sizes, rng, starts)
+    if getattr(cost, "grad_sync", False):
+        seeds += compact_labellings(topology, names, sizes)
     top = search(topology, link_s, seeds, proxy, misfit, rng,
-                 proxy_evaluations(len(names), microbatches, hops), keep=2)
+                 proxy_evaluations(len(names), microbatches, hops), keep=2, always=("compact",))
     tried = [("dtfm", dtfm)] + [(tag, to_allocation(labels, names, len(sizes))) for _, tag, labels in top
                                 if tag != "dtfm"]
     best = None
