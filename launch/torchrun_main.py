@@ -11,6 +11,7 @@ namespaced by TORCHELASTIC_RESTART_COUNT so a restarted group never reads a stal
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -38,7 +39,7 @@ def check_launch(cfg, env) -> None:
 def main(argv) -> int:
     from skippipe.config import load_config
     from skippipe.errors import UserError
-    from skippipe.runtime.control import ControlChannel, connect_store
+    from skippipe.runtime.control import SECRET_ENV, ControlChannel, box_secret, box_secret_path, connect_store
     from skippipe.runtime.coordinator import Coordinator
     from skippipe.runtime.remote import RemoteExecutor
     from skippipe.runtime.worker import WorkerEnv, run_worker
@@ -60,11 +61,20 @@ def main(argv) -> int:
     logging.basicConfig(level=logging.INFO if env.rank == 0 else logging.WARNING,
                         format="%(message)s" if env.rank == 0 else f"[rank {env.rank}] %(levelname)s %(message)s")
     pin_threads(cfg.run.threads)
-    if not os.environ.get("SKIPPIPE_CONTROL_SECRET"):
-        # torchrun starts every rank itself, so no rank can hand the others a fresh secret; set
-        # SKIPPIPE_CONTROL_SECRET (the same on every rank) for a private channel. The run id is a
-        # shared fallback: it authenticates against stray writers, not against someone who knows it.
-        os.environ["SKIPPIPE_CONTROL_SECRET"] = "run-id:" + os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    if not os.environ.get(SECRET_ENV):
+        # torchrun starts every rank itself, so no parent hands them a fresh secret. On one machine
+        # the ranks share one through a private file; across machines the user sets it on each
+        if int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size)) != env.world_size:
+            if env.rank == 0:
+                print(f"error: {SECRET_ENV} is not set: a torchrun group across machines needs the same secret "
+                      f"on every machine for its control channel (export {SECRET_ENV}=$(openssl rand -hex 32) "
+                      "and pass it to every torchrun)", file=sys.stderr)
+            return 2
+        key_file = box_secret_path("torchrun-" + os.environ.get("TORCHELASTIC_RUN_ID", "none"))
+        os.environ[SECRET_ENV] = box_secret("torchrun-" + os.environ.get("TORCHELASTIC_RUN_ID", "none"),
+                                            cfg.runtime.timeout_s)
+    else:
+        key_file = None
     timeout = cfg.runtime.timeout_s
     namespace = f"/restart{restart}"
     hosted = None
@@ -91,6 +101,9 @@ def main(argv) -> int:
         if failure:
             print(f"error: {failure[0]}", file=sys.stderr)
             return getattr(failure[0], "exit_code", 1)
+        if key_file and code == 0:  # the run is over: every rank read the secret long ago
+            with contextlib.suppress(OSError):
+                os.unlink(key_file)
     return code
 
 

@@ -81,7 +81,7 @@ MEANINGS: Dict[str, str] = {
     "tracking.wandb.tags": "wandb tags",
     "tracking.progress": "show the progress bar (rank 0); false: a log line every tracking.log_every steps",
     "tracking.log_every": "send every k-th step to wandb and the console log (metrics.jsonl gets every step)",
-    "checkpoint.keep": "periodic checkpoints kept (older ones are deleted)",
+    "checkpoint.keep": "periodic checkpoints kept (older ones are deleted, except one a lost stage restarted from)",
     "fault.kill.step": "step at which fault.kill.node's process exits",
     "fault.kill.node": "node whose process exits at fault.kill.step",
     "fault.error.step": "step at which fault.error.node's worker raises",

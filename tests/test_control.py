@@ -12,7 +12,7 @@ import pytest
 import torch.distributed as dist
 
 from skippipe.config import load_config
-from skippipe.runtime.control import ControlChannel, connect_store, new_secret
+from skippipe.runtime.control import ControlChannel, box_secret, connect_store, new_secret
 from skippipe.runtime.worker import check_command_paths
 
 SMALL = ["model.dim=64", "model.n_heads=2", "model.ffn_dim=128", "model.seq_len=32", "train.samples_per_microbatch=2",
@@ -22,6 +22,21 @@ SMALL = ["model.dim=64", "model.n_heads=2", "model.ffn_dim=128", "model.seq_len=
 
 def listening(pid):
     return [c.laddr for c in psutil.Process(pid).net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+
+
+def test_box_secret_is_shared_by_one_run_private_and_fresh_per_run(tmp_path):
+    """torchrun on one box: every rank of a run reads the same secret from a 0600 file; another run
+    id gets another; a directory others can read is refused."""
+    base = tmp_path / "keys"
+    first = [box_secret("run-a", 5.0, str(base)) for _ in range(3)]
+    assert len(set(first)) == 1 and len(first[0]) == 64
+    assert box_secret("run-b", 5.0, str(base)) != first[0]
+    assert (base / "run-a.key").stat().st_mode & 0o777 == 0o600
+    assert base.stat().st_mode & 0o777 == 0o700
+    assert not [p for p in base.iterdir() if p.name.startswith(".key-")]  # no half-written keys left
+    base.chmod(0o755)
+    with pytest.raises(RuntimeError, match="mode 0700"):
+        box_secret("run-a", 5.0, str(base))
 
 
 def test_forged_wrong_key_and_replayed_values_are_rejected():

@@ -77,3 +77,23 @@ def _train(train_local, cfg, errors):
         train_local(cfg)
     except BaseException as err:  # surfaced by the test
         errors.append(err)
+
+
+@pytest.mark.parametrize("rebuild", ["init", "checkpoint", "checkfree"])
+def test_stage_rebuilt_after_losing_every_replica_verifies(tmp_path, rebuild):
+    """n3 holds stage 2 alone; it is killed and replaced. The replacement restarts the stage from
+    ``fault.rebuild``; the plan of that step says so, and the replay does the same."""
+    run = tmp_path / "run"
+    assert main(["train", *RUN, "train.steps=10", f"run.dir={run}", "checkpoint.every=2", "fault.kill.step=4",
+                 "fault.kill.node=n3", "fault.replace=true", f"fault.rebuild={rebuild}"]) == 0
+    routes = [json.loads(x) for x in (run / "routes.jsonl").read_text().splitlines()]
+    rebuilt = [(r["step"], r["plan"]["extra"]["rebuilt"]) for r in routes if "rebuilt" in r["plan"].get("extra", {})]
+    assert len(rebuilt) == 1, rebuilt
+    step, origin = rebuilt[0]
+    expected = {"init": {"from": "init"}, "checkfree": {"from": "checkfree", "stages": [1, 3]},
+                "checkpoint": {"from": "checkpoint", "step": origin["2"].get("step")}}[rebuild]
+    assert origin == {"2": expected}
+    if rebuild == "checkpoint":  # the newest checkpoint written before the kill
+        assert origin["2"]["step"] in (1, 3) and (run / "ckpt" / str(origin["2"]["step"])).is_dir()
+    assert any("n3" in r["plan"]["allocation"][2] for r in routes if r["step"] >= step)
+    assert main(["verify", str(run)]) == 0

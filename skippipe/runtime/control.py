@@ -16,7 +16,9 @@ Every value is an envelope ``{"b": body, "m": HMAC-SHA256(secret, body)}`` whose
 and carries the writer's time in ns, so a value is accepted only under the key it was written for
 and never older than the last one accepted there (an old heartbeat replayed is refused). The per-run
 secret is made by the coordinator and reaches workers through the environment
-(``SKIPPIPE_CONTROL_SECRET``) or the Ray actor's environment; it is never logged. A value that fails
+(``SKIPPIPE_CONTROL_SECRET``) or the Ray actor's environment; under torchrun, which starts every
+rank itself, the ranks of one box share one through a private file (:func:`box_secret`) and a
+group across machines needs the variable set on each; it is never logged. A value that fails
 these checks is ignored (as if absent), counted (``control/rejected``) and logged once per key.
 What authentication cannot stop on a shared store is deleting or overwriting keys (denial of
 service), and gloo's own rendezvous keys (``pg/...``) are gloo's; binding to loopback limits
@@ -46,6 +48,54 @@ _LISTENERS: Dict[int, socket.socket] = {}  # port -> the socket a server store l
 
 def new_secret() -> str:
     return secrets.token_hex(32)
+
+
+def box_secret_path(run_id: str, directory: Optional[str] = None) -> str:
+    """Where :func:`box_secret` keeps the secret of ``run_id`` (remove it when the run is over)."""
+    import re
+    import tempfile
+
+    base = directory or os.path.join(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir(),
+                                     f"skippipe-{os.getuid()}")
+    return os.path.join(base, re.sub(r"[^A-Za-z0-9_.-]", "_", run_id) + ".key")
+
+
+def box_secret(run_id: str, timeout_s: float, directory: Optional[str] = None) -> str:
+    """The secret of a run whose processes all start on this machine without a parent that could
+    hand them one (torchrun): the first process to get here makes it and publishes it in a file
+    only this user can read (``$XDG_RUNTIME_DIR`` or the temp dir, ``skippipe-<uid>/<run_id>.key``,
+    mode 0600, created whole by a link so no reader sees half a key); the others read it. The
+    same file serves a restarted group of the same run id."""
+    import tempfile
+
+    path = box_secret_path(run_id, directory)
+    base = os.path.dirname(path)
+    os.makedirs(base, mode=0o700, exist_ok=True)
+    info = os.stat(base)
+    if info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise RuntimeError(f"control: {base} must belong to this user with mode 0700 (it holds run secrets); "
+                           f"remove it or set {SECRET_ENV}")
+    if not os.path.exists(path):
+        fd, tmp = tempfile.mkstemp(dir=base, prefix=".key-")  # mode 0600
+        try:
+            with os.fdopen(fd, "w") as out:
+                out.write(new_secret())
+            try:
+                os.link(tmp, path)  # atomic: fails if another process published first
+            except FileExistsError:
+                pass
+        finally:
+            os.unlink(tmp)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with open(path) as handle:
+            secret = handle.read().strip()
+        if secret or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    if not secret:
+        raise RuntimeError(f"control: {path} holds no secret; remove it or set {SECRET_ENV}")
+    return secret
 
 
 def connect_store(host: str, port: int, is_master: bool, timeout_s: float) -> dist.TCPStore:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -38,6 +38,9 @@ class StepOutcome:
     # node -> {"step", "digests"}: state after the last committed update, reported with this step
     # (also by survivors of failed attempts of it)
     states: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    # stage -> where a stage that lost every replica restarted from before this step (routes.jsonl
+    # records it in the plan's extra.rebuilt, for the replay)
+    rebuilt: Dict[str, Dict[str, Any]] = field(default_factory=dict)
 
     @property
     def loss(self) -> float:
@@ -313,6 +316,8 @@ class Coordinator:
                       **monitor.metrics(),
                       **({"control/rejected": executor.rejected()} if hasattr(executor, "rejected") else {})}
             metrics.log(record)
+            if outcome.rebuilt:
+                plan = replace(plan, extra={**plan.extra, "rebuilt": outcome.rebuilt})
             routes.record(step, plan, generation=monitor.generation, timings={n: {k: r[k] for k in ("compute_s", "recv_wait_s", "step_s")}
                                                for n, r in outcome.node_reports.items()} or None)
             bar.update(record)

@@ -39,12 +39,14 @@ class RunRecorder:
         self.next_step = 0 if resume_from_step is None else resume_from_step + 1
         self.chain: Optional[str] = self.writer.head if self.writer is not None else None  # kept by a resume
         self.checkpoints: Dict[int, List[dict]] = {}
+        self.pinned = pinned_checkpoints(out) if resume_from_step is not None else set()
 
     # -- ledger ---------------------------------------------------------------------------------
     def add_step(self, step: int, plan, outcome, deferred_state: bool) -> None:
         """Record what ``step`` computed; with ``deferred_state`` its state digests arrive later."""
         if not self.enabled:
             return
+        self.pinned |= {int(o["step"]) for o in outcome.rebuilt.values() if o.get("from") == "checkpoint"}
         leaves = {**route_leaf(plan), **loss_leaves(outcome.losses), **outcome.leaves}
         for report in outcome.node_reports.values():
             leaves.update(report.get("leaves") or {})
@@ -135,6 +137,8 @@ class RunRecorder:
         keep = self.cfg.checkpoint.keep
         steps = list_checkpoints(self.out)
         for old in steps[:-keep] if keep > 0 else []:
+            if old in self.pinned:
+                continue  # a stage restarted from it: the replay needs it
             shutil.rmtree(self.out / "ckpt" / str(old), ignore_errors=True)
 
     def close(self) -> None:
@@ -169,3 +173,21 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
     kept = [line for line in path.read_text().splitlines()
             if line.strip() and json.loads(line).get("step", 0) <= last_step and "loss/val" not in json.loads(line)]
     write_text_atomic(path, "".join(line + "\n" for line in kept))
+
+
+def pinned_checkpoints(out: Path) -> set:
+    """Checkpoints a stage restarted from (``extra.rebuilt`` in routes.jsonl): never pruned, since
+    the replay restarts the stage from the same files."""
+    path = out / "routes.jsonl"
+    if not path.is_file():
+        return set()
+    pins = set()
+    for text in path.read_text().splitlines():
+        if '"rebuilt"' not in text:
+            continue
+        try:
+            rebuilt = json.loads(text)["plan"]["extra"]["rebuilt"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+        pins |= {int(o["step"]) for o in rebuilt.values() if o.get("from") == "checkpoint"}
+    return pins

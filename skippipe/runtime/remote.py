@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Set
 
 from skippipe.config import Config, to_dict
@@ -58,6 +59,7 @@ class RemoteExecutor:
         self.incarnation: Dict[str, int] = {}
         self.joining: Dict[str, int] = {}  # replacements started but not yet admitted: node -> incarnation
         self.rebuild: Dict[int, List[str]] = {}
+        self.origin: Dict[int, Dict[str, Any]] = {}  # stage -> where a stage with no survivor restarts from
         self.restore: Dict[int, str] = {}  # stage -> checkpoint directory its new replica loads
         self.failed_joins: Dict[str, str] = {}  # node -> why its worker never joined
         self.added: List[Dict[str, Any]] = []  # nodes added to the running job: name, region, speed, ...
@@ -90,6 +92,7 @@ class RemoteExecutor:
         from skippipe.runtime.coordinator import StepOutcome
 
         index = self.command_index
+        rebuilt = {str(k): v for k, v in sorted(self.origin.items())}  # the replay must do the same
         self.control.command(index, {"step": step, "generation": self.generation, "members": self.members,
                                      "lr": lr, "plan": plan.to_dict(), "commit_step": self.commit_step,
                                      "sync": {str(k): v for k, v in self.sync.items()},
@@ -103,13 +106,13 @@ class RemoteExecutor:
         self._raise_on_failure(reports, dead)
         states, self.carried_states = self.carried_states, {}
         self.load_dir = None
-        self.commit_step, self.sync, self.rebuild, self.restore = step, {}, {}, {}
+        self.commit_step, self.sync, self.rebuild, self.restore, self.origin = step, {}, {}, {}, {}
         losses = {int(k): v for r in reports.values() for k, v in r["losses"].items()}
         missing = sorted({mb.id for mb in plan.microbatches} - set(losses))
         if missing:
             raise WorkerFailed(f"step {step}: no loss came back for microbatches {missing}")
         norm = next(iter(reports.values()))["grad_norm"]
-        return StepOutcome(losses, norm, dict(reports), states=states)
+        return StepOutcome(losses, norm, dict(reports), states=states, rebuilt=rebuilt)
 
     def _gather(self, index: int):
         """Reports from every member, or the members found dead while waiting."""
@@ -243,22 +246,27 @@ class RemoteExecutor:
         live = set(self.members)
         self.members = [n for n in self.nodes if n in live or n in ready]
         self.generation += 1
-        self.sync, self.rebuild, self.restore = {}, {}, {}
+        self.sync, self.rebuild, self.restore, self.origin = {}, {}, {}, {}
         for node in ready:
             stage = next(k for k, nodes in enumerate(allocation) if node in nodes)
             sources = [n for n in allocation[stage] if n in live]
             if sources:
                 self.sync[stage] = sources[0]
+            elif stage in self.origin:
+                continue  # another new replica of the same stage: it starts like the first one
             elif rebuild == "checkpoint" and self._verified_checkpoint() is not None:
                 self.restore[stage] = str(self._verified_checkpoint())
+                self.origin[stage] = {"from": "checkpoint", "step": int(Path(self.restore[stage]).name)}
                 log.warning("stage %d lost every replica: %s restores it from %s", stage, node, self.restore[stage])
             elif rebuild == "checkfree":
-                self.rebuild[stage] = [next(n for n in allocation[k] if n in live)
-                                       for k in (stage - 1, stage + 1)
-                                       if 0 <= k < len(allocation) and any(n in live for n in allocation[k])]
+                neighbours = [k for k in (stage - 1, stage + 1)
+                              if 0 <= k < len(allocation) and any(n in live for n in allocation[k])]
+                self.rebuild[stage] = [next(n for n in allocation[k] if n in live) for k in neighbours]
+                self.origin[stage] = {"from": "checkfree", "stages": neighbours}
                 log.warning("stage %d lost every replica: %s rebuilds it from the average of stages %s "
                             "(CheckFree)", stage, node, self.rebuild[stage])
             else:
+                self.origin[stage] = {"from": "init"}
                 log.warning("stage %d lost every replica: %s restarts it from its initial parameters", stage, node)
         return ready
 

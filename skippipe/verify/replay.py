@@ -63,16 +63,17 @@ def executor_at(run_dir: Path, step: int) -> Tuple[object, object, object, Dict]
             load_state_tensors(stage, executor.optimizers[k], load_stage_file(ckpt / f"stage{k}.pt"))
         start = usable[-1] + 1
     for s in range(start, step):
-        _step(cfg, data, executor, plans, s)
+        _step(cfg, data, executor, plans, s, run_dir)
     return cfg, data, executor, plans
 
 
-def _step(cfg, data, executor, plans, step: int):
+def _step(cfg, data, executor, plans, step: int, run_dir: Path):
     from skippipe.train.optim import lr_at
 
     if step not in plans:
         raise UserError(f"replay: routes.jsonl has no step {step}")
     plan = plans[step]
+    restart_stages(cfg, executor, plan, run_dir)
     mbs = [data.microbatch(cfg.run.seed, step, r.id, cfg.train.samples_per_microbatch, executor.spec.seq_len)
            for r in plan.microbatches]
     return executor.step(plan, mbs, lr_at(step, cfg.train), level=cfg.verify.level)
@@ -83,11 +84,53 @@ def replay(run_dir, from_step: int, to_step: int) -> Dict[int, Dict[str, str]]:
     cfg, data, executor, plans = executor_at(Path(run_dir), from_step)
     out = {}
     for s in range(from_step, to_step + 1):
-        leaves = _step(cfg, data, executor, plans, s).leaves
+        leaves = _step(cfg, data, executor, plans, s, Path(run_dir)).leaves
         for stage in lost_state(plans, s):
             leaves = {k: v for k, v in leaves.items() if not k.startswith((f"param/stage{stage}/", f"opt/stage{stage}/"))}
         out[s] = leaves
     return out
+
+
+def restart_stages(cfg, executor, plan, run_dir: Path) -> None:
+    """Do what the run did to a stage that lost every replica before this step (the plan's
+    ``extra.rebuilt``, written by the remote executor): its new replicas start from the seeded
+    initial parameters (``init``), from a verified checkpoint (``checkpoint``), or from the
+    average of the neighbouring stages' blocks (``checkfree``), with a fresh optimizer. The same
+    operations in the same order as the workers, so the digests match bit for bit."""
+    import torch
+
+    from skippipe.model.transformer import build_stages
+    from skippipe.train.optim import make_optimizer
+    from skippipe.verify.checkpoint import load_stage_file, verify_checkpoint
+    from skippipe.verify.leaves import load_state_tensors
+
+    for key, origin in sorted((plan.extra.get("rebuilt") or {}).items(), key=lambda kv: int(kv[0])):
+        k = int(key)
+        stage = build_stages(executor.spec, plan.num_stages, cfg.run.seed, only=[k])[k].to(executor.device)
+        optimizer = make_optimizer(stage, cfg.train)
+        kind = origin.get("from")
+        if kind == "checkpoint":
+            ckpt = run_dir / "ckpt" / str(origin["step"])
+            problem = verify_checkpoint(ckpt)
+            if problem:
+                raise UserError(f"replay: stage {k} restarted from checkpoint {origin['step']}: {problem}")
+            load_state_tensors(stage, optimizer, load_stage_file(ckpt / f"stage{k}.pt"))
+        elif kind == "checkfree":
+            sources = [executor.stages[j] for j in origin.get("stages", [])]
+            params = list(stage.blocks.parameters())
+            total = torch.zeros(sum(p.numel() for p in params), device=executor.device)
+            for source in sources:
+                total += torch.cat([p.detach().reshape(-1) for p in source.blocks.parameters()])
+            total /= max(1, len(sources))
+            offset = 0
+            with torch.no_grad():
+                for p in params:
+                    p.copy_(total[offset:offset + p.numel()].view_as(p))
+                    offset += p.numel()
+        elif kind != "init":
+            raise UserError(f"replay: step's plan says stage {k} restarted from '{kind}'; "
+                            "expected init, checkpoint or checkfree (routes.jsonl is damaged)")
+        executor.stages[k], executor.optimizers[k] = stage, optimizer
 
 
 def lost_state(plans, step: int) -> List[int]:
