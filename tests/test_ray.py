@@ -117,6 +117,10 @@ def test_stage_losing_all_replicas_is_skipped_then_restored(ray_cluster, tmp_pat
     restored = [(g, v) for g, v in stage_of_step if g >= 2 and v > 0]
     assert restored, f"the replacement never re-entered the plan: {stage_of_step}"
     assert [m["step"] for m in metrics(tmp_path) if "loss/val" not in m] == list(range(60))
+    assert any("rebuilt" in r["plan"].get("extra", {}) for r in routes(tmp_path))
+    from skippipe.cli import main
+
+    assert main(["verify", str(tmp_path)]) == 0  # the restarted stage replays the same way
 
 
 def test_slow_node_receives_fewer_microbatches(ray_cluster, tmp_path):
