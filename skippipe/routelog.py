@@ -1,6 +1,8 @@
 """The route log: ``runs/<name>/routes.jsonl``, one line per executed step.
 
-Each line is ``{"step", "generation", "plan": <skippipe.plan.v1 object>, "timings": {...}}``. Routes
+Each line is ``{"step", "generation", "plan": <skippipe.plan.v1 object>, "timings": {node: report},
+"iter_s", "warm"}``: the plan, the workers' measured times (:data:`runtime.predict.TIMING_KEYS`) and
+the coordinator's iteration time, so the predictor can be replayed offline. Routes
 are an input of the computation (DESIGN.md section 5): ``schedule.routes_from=RUN_DIR`` replays
 them step by step, so a run is reproducible bit for bit given its route log.
 """
@@ -20,10 +22,15 @@ class RouteLog:
     def __init__(self, run_dir: Path, append: bool = False):
         self._writer = JsonlWriter(run_dir / "routes.jsonl", append=append)
 
-    def record(self, step: int, plan: Plan, generation: int = 0, timings: Optional[Dict[str, Any]] = None) -> None:
+    def record(self, step: int, plan: Plan, generation: int = 0, timings: Optional[Dict[str, Any]] = None,
+               iter_s: Optional[float] = None, warm: Optional[bool] = None) -> None:
         line = {"step": step, "generation": generation, "plan": plan.to_dict()}
         if timings:
             line["timings"] = timings
+        if iter_s is not None:
+            line["iter_s"] = iter_s
+        if warm is not None:
+            line["warm"] = warm
         self._writer.write(line)
 
     def close(self) -> None:

@@ -22,6 +22,7 @@ import torch
 from skippipe.config import Config, run_dir, to_yaml
 from skippipe.plan import Plan, write_text_atomic
 from skippipe.runtime.faults import FaultMonitor
+from skippipe.runtime.predict import Predictor, step_timings
 from skippipe.runtime.recorder import RunRecorder
 from skippipe.runtime.remote import NodeFailure, RemoteExecutor, WorkerFailed  # noqa: F401 (re-exported)
 
@@ -158,52 +159,6 @@ def measured_stats(outcome: StepOutcome, plan: Plan, iter_s: float) -> Dict[str,
     return stats
 
 
-class Predictor:
-    """``time/predicted_iter_s``: the simulator's time for this step's plan on the cost model as
-    measured *before* the step (measured compute folded in by EWMA; the plan-time figure is
-    ``time/planned_iter_s``), plus the measured per-step cost the simulator does not model: the
-    coordinator's command round trip, the workers' start skew and the end-of-step gradient collectives
-    and optimizer step (iteration time minus the longest worker's action time, EWMA)."""
-
-    def __init__(self, weight: float = 0.3):
-        self.overhead_s: Optional[float] = None
-        self.weight = weight
-
-    def predict(self, planner, plan: Plan) -> Optional[float]:
-        if self.overhead_s is None:
-            return plan.predicted_makespan_s
-        from skippipe.simulate import simulate
-
-        return simulate(plan, planner.cost).makespan_s + self.overhead_s
-
-    def observe(self, planner, outcome: StepOutcome, plan: Plan, iter_s: float, warm: bool = True) -> None:
-        if not warm:  # setup and cold caches would bias the smoothed costs for many steps
-            return
-        observe_measurements(planner, outcome, plan)
-        reports = [r for r in outcome.node_reports.values() if "step_s" in r]
-        if not reports:
-            return
-        actions_s = max(r["step_s"] - r.get("reduce_s", 0.0) for r in reports)
-        overhead = max(0.0, iter_s - actions_s)
-        w = self.weight
-        self.overhead_s = overhead if self.overhead_s is None else (1 - w) * self.overhead_s + w * overhead
-
-
-def observe_measurements(planner, outcome: StepOutcome, plan: Plan) -> None:
-    """Fold measured per-phase compute times into the cost model (EWMA), so re-plans follow reality."""
-    cost = planner.cost
-    if not hasattr(cost, "observe_compute"):
-        return
-    stage_of = plan.stage_of()
-    for node, report in outcome.node_reports.items():
-        if node not in stage_of:
-            continue
-        for phase, total in report["compute_s"].items():
-            count = report["compute_n"][phase]
-            if count:
-                cost.observe_compute(node, stage_of[node], phase, total / count)
-
-
 # ---------------------------------------------------------------------------------------------
 # the loop
 
@@ -301,11 +256,11 @@ class Coordinator:
             iter_s = time.perf_counter() - t0
             step_tokens = len(plan.microbatches) * samples * spec.seq_len
             tokens += step_tokens
-            predicted = self.predictor.predict(planner, plan)  # from what was measured before this step
+            predicted = self.predictor.predict(planner.cost, plan)  # from what was measured before this step
             # the first step of a run or generation also pays process-group setup and cold caches
             warm = step > self.first_step and monitor.generation == generation
             generation = monitor.generation
-            self.predictor.observe(planner, outcome, plan, iter_s, warm)
+            self.predictor.observe(planner.cost, outcome.node_reports, plan, iter_s, warm)
             monitor.after_step(planner, outcome, plan)
             record = {"step": step, "loss/train": outcome.loss, "lr": lr, "grad_norm": outcome.grad_norm,
                       "time/iter_s": iter_s, "time/predicted_iter_s": predicted,
@@ -318,8 +273,8 @@ class Coordinator:
             metrics.log(record)
             if outcome.rebuilt:
                 plan = replace(plan, extra={**plan.extra, "rebuilt": outcome.rebuilt})
-            routes.record(step, plan, generation=monitor.generation, timings={n: {k: r[k] for k in ("compute_s", "recv_wait_s", "step_s")}
-                                               for n, r in outcome.node_reports.items()} or None)
+            routes.record(step, plan, generation=monitor.generation, timings=step_timings(outcome) or None,
+                          iter_s=iter_s, warm=warm)
             bar.update(record)
         bar.close()
         stages, final_reports, written = executor.finish(out, checkpoint)

@@ -11,7 +11,9 @@ by name instead of corrupting training.
 Link emulation (``cost.emulate_links``): a message from node a to node b is handed to the receiver no
 earlier than ``latency(a, b) + bytes / bandwidth(a, b)`` after it was sent, FIFO per link, so a
 geo-distributed topology runs on one box (``tc netem`` is not needed). The receiver does the waiting,
-using the sender's timestamp from the header (one clock: all emulated nodes share a machine).
+using the sender's timestamp from the header (one clock: all emulated nodes share a machine). A
+stage's gradient collective waits what a ring all-reduce over its slowest link takes
+(:meth:`Transport.emulate_allreduce`), as the simulator assumes.
 
 Gloo matches messages by (source, tag); tags are unique per (microbatch, kind) inside a step and
 steps are separated by the gradient collectives, so arrival order does not matter. NCCL ignores tags
@@ -188,6 +190,21 @@ class Transport:
             problems.append(f"dtype {_DTYPES[int(values[4])]} != expected {dtype}")
         if problems:
             raise TransportError(f"bad message for the {what}: {problems[0]}; node {src} is excluded", peer=src)
+
+    def emulate_allreduce(self, members: List[str], nbytes: int) -> None:
+        """After a stage's gradient collective (instant on one box), wait what a ring all-reduce of
+        ``nbytes`` over the emulated links takes: ``2 (n-1)/n * bytes`` over the slowest link of the
+        group plus ``2 (n-1)`` of its worst latency (``CostModel.allreduce_s``, the simulator's)."""
+        if self.links is None or len(members) < 2:
+            return
+        pairs = [(a, b) for a in members for b in members if a != b]
+        slowest = min(self.links.bandwidth_bytes_per_s(a, b) for a, b in pairs)
+        worst = max(self.links.latency_s(a, b) for a, b in pairs)
+        n = len(members)
+        delay = (0.0 if slowest == float("inf") else 2.0 * (n - 1) / n * nbytes / slowest) + 2 * (n - 1) * worst
+        if delay > 0:
+            time.sleep(delay)
+            self.emulated_delay_s += delay
 
     def _emulate_link(self, src: str, sent_at: float, nbytes: int) -> None:
         """Hold the message until latency + bytes/bandwidth after it was sent, FIFO on this link."""

@@ -417,6 +417,7 @@ class Worker:
             else:  # gathered in allocation order of the live replicas
                 totals = [torch.empty_like(mine) for _ in self.stage_members]
                 self._collective(self.stage_group.allgather([totals], [mine]))
+                self.transport.emulate_allreduce(self.stage_members, mine.numel() * mine.element_size())
             grad = compute.reduce_replicas(totals, num_mb)
         # global norm: one squared norm per stage (replicas agree), summed in stage order
         entry = torch.zeros(2, dtype=torch.float64, device=self.device)
