@@ -220,22 +220,15 @@ class Worker:
             return
         receivers = [n for n in plan.allocation[stage] if n in self.rank_of]
         if self.me in sources:
-            flat = torch.cat([p.detach().reshape(-1) for p in self.stage.blocks.parameters()])
+            flat = compute.flat_blocks(self.stage)
             for node in receivers:
                 self.transport.send(flat, node, -1, stage, GRAD)
             self.transport.flush()
         elif self.stage_id == stage:
-            params = list(self.stage.blocks.parameters())
-            numel = sum(p.numel() for p in params)
-            total = torch.zeros(numel, device=self.device)
-            for source in sources:
-                total += self.transport.recv(source, -1, stage, GRAD, (numel,), total.dtype)
-            total /= max(1, len(sources))
-            offset = 0
-            with torch.no_grad():
-                for p in params:
-                    p.copy_(total[offset:offset + p.numel()].view_as(p))
-                    offset += p.numel()
+            numel = sum(p.numel() for p in self.stage.blocks.parameters())
+            dtype = next(self.stage.blocks.parameters()).dtype
+            compute.load_block_average(self.stage, [self.transport.recv(source, -1, stage, GRAD, (numel,), dtype)
+                                                    for source in sources])
 
     # -- one step -------------------------------------------------------------------------------
     def commit(self, commit_step: Optional[int]) -> None:

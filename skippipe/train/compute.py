@@ -166,3 +166,24 @@ def set_flat_grads(stage: Stage, flat_grad: torch.Tensor) -> None:
     for p in stage.parameters():
         p.grad = flat_grad[offset:offset + p.numel()].view_as(p).clone()
         offset += p.numel()
+
+
+def flat_blocks(stage: Stage) -> torch.Tensor:
+    """The stage's transformer-block parameters as one flat tensor (what CheckFree averages)."""
+    return torch.cat([p.detach().reshape(-1) for p in stage.blocks.parameters()])
+
+
+def load_block_average(stage: Stage, flats: List[torch.Tensor]) -> None:
+    """CheckFree (arXiv 2506.15461): set the stage's blocks to the mean of ``flats`` (neighbours'
+    :func:`flat_blocks`, in order). The worker that rebuilds a stage and the replay both call it,
+    so the result is the same bit for bit."""
+    params = list(stage.blocks.parameters())
+    total = torch.zeros(sum(p.numel() for p in params), device=params[0].device)
+    for flat in flats:
+        total += flat
+    total /= max(1, len(flats))
+    offset = 0
+    with torch.no_grad():
+        for p in params:
+            p.copy_(total[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()

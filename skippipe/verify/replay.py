@@ -97,9 +97,8 @@ def restart_stages(cfg, executor, plan, run_dir: Path) -> None:
     initial parameters (``init``), from a verified checkpoint (``checkpoint``), or from the
     average of the neighbouring stages' blocks (``checkfree``), with a fresh optimizer. The same
     operations in the same order as the workers, so the digests match bit for bit."""
-    import torch
-
     from skippipe.model.transformer import build_stages
+    from skippipe.train.compute import flat_blocks, load_block_average
     from skippipe.train.optim import make_optimizer
     from skippipe.verify.checkpoint import load_stage_file, verify_checkpoint
     from skippipe.verify.leaves import load_state_tensors
@@ -116,17 +115,7 @@ def restart_stages(cfg, executor, plan, run_dir: Path) -> None:
                 raise UserError(f"replay: stage {k} restarted from checkpoint {origin['step']}: {problem}")
             load_state_tensors(stage, optimizer, load_stage_file(ckpt / f"stage{k}.pt"))
         elif kind == "checkfree":
-            sources = [executor.stages[j] for j in origin.get("stages", [])]
-            params = list(stage.blocks.parameters())
-            total = torch.zeros(sum(p.numel() for p in params), device=executor.device)
-            for source in sources:
-                total += torch.cat([p.detach().reshape(-1) for p in source.blocks.parameters()])
-            total /= max(1, len(sources))
-            offset = 0
-            with torch.no_grad():
-                for p in params:
-                    p.copy_(total[offset:offset + p.numel()].view_as(p))
-                    offset += p.numel()
+            load_block_average(stage, [flat_blocks(executor.stages[j]) for j in origin.get("stages", [])])
         elif kind != "init":
             raise UserError(f"replay: step's plan says stage {k} restarted from '{kind}'; "
                             "expected init, checkpoint or checkfree (routes.jsonl is damaged)")
