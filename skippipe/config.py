@@ -177,7 +177,10 @@ class FaultConfig:
     corrupt: CorruptConfig = field(default_factory=CorruptConfig)
     slow_threshold: float = 2.0  # a node this many times slower than the median node (3 steps running) is slow
     slow_until: Optional[int] = None  # fault.slow_nodes stop at this step (a transient slowdown); None: never
-    probe_after: int = 20  # steps a slow node left without work waits before it is tried again (0: never)
+    probe_after: int = 20  # steps a slow node (or link) left without work waits before it is tried again (0: never)
+    slow_links: Dict[str, float] = field(default_factory=dict)  # "n0-n1" -> factor: emulated link that much slower
+    slow_links_from: Optional[int] = None  # fault.slow_links start at this step; None: from the start
+    slow_links_until: Optional[int] = None  # fault.slow_links stop at this step; None: never
     heartbeat_s: float = 2.0
 
 
@@ -258,7 +261,7 @@ def _omegaconf_error(err: Exception, origin: str) -> ConfigError:
 
 
 # fields whose values are free-form mappings: any sub-key is allowed under them
-_OPEN_FIELDS = ("fault.slow_nodes", "topology.regions", "topology.nodes", "topology.generate")
+_OPEN_FIELDS = ("fault.slow_nodes", "fault.slow_links", "topology.regions", "topology.nodes", "topology.generate")
 
 
 def _check_override_key(key: str) -> None:
@@ -441,6 +444,7 @@ def check_config(cfg: Config) -> None:
     if cfg.fault.slow_until is not None and cfg.fault.slow_until < 0:
         raise ConfigError(f"fault.slow_until={cfg.fault.slow_until} must be a step >= 0, or null for always")
     _check_fault_nodes(cfg)
+    _check_slow_links(cfg)
     if (cfg.fault.kill.step is None) != (cfg.fault.kill.node is None):
         raise ConfigError("fault.kill needs both step and node, e.g. fault.kill.step=5 fault.kill.node=n2")
     if (cfg.fault.error.step is None) != (cfg.fault.error.node is None):
@@ -456,6 +460,27 @@ def check_config(cfg: Config) -> None:
 def _finite_positive(value, key: str, fix: str) -> None:
     if value is None or not math.isfinite(value) or value <= 0:
         raise ConfigError(f"{key}={value} must be a finite number > 0; {fix}")
+
+
+def _check_slow_links(cfg: Config) -> None:
+    fault = cfg.fault
+    for key in ("slow_links_from", "slow_links_until"):
+        value = getattr(fault, key)
+        if value is not None and value < 0:
+            raise ConfigError(f"fault.{key}={value} must be a step >= 0, or null")
+    if not fault.slow_links:
+        return
+    if not cfg.cost.emulate_links:
+        raise ConfigError("fault.slow_links slows emulated links: set cost.emulate_links=true")
+    from skippipe.topology import load_topology, split_link
+
+    names = load_topology(cfg).names()
+    for key, factor in fault.slow_links.items():
+        if split_link(str(key), names) is None:
+            raise ConfigError(f"fault.slow_links.{key}: not two node names joined by '-' (e.g. "
+                              f"{names[0]}-{names[-1]}); nodes are {', '.join(names)}")
+        if not isinstance(factor, (int, float)) or not math.isfinite(factor) or factor <= 0:
+            raise ConfigError(f"fault.slow_links.{key}={factor} must be a number > 0 (10.0: ten times slower)")
 
 
 def _check_fault_nodes(cfg: Config) -> None:

@@ -6,7 +6,8 @@ Per microbatch on node n holding stage k: forward ``f = layers_k * samples * fwd
 ``bwd_factor * f``; loss and head at the originator ``loss_factor * f(stage 0)``. Transfer a -> b:
 ``latency + bytes / bandwidth + message_overhead_s`` (0 on the same node). Gradient reduction of a
 stage: a ring all-reduce over its slowest link. Measured values are folded in with an EWMA and
-replace the modelled ones (``observe_compute``, ``observe_link``).
+replace the modelled ones (``observe_compute``; ``observe_link_estimate``: a link's measured
+latency and bandwidth, from the transport's timings).
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ class CostModel:
         # measured over modelled time of the median measured node: a node not measured yet (one that
         # just joined) is assumed typical, not as fast or slow as the uncalibrated model says
         self._typical_ratio = 1.0
-        self._link_ratio: Dict[Tuple[str, str], float] = {}
+        # (a, b) with a <= b -> [latency_s, bytes_per_s] as measured (EWMA), in place of the topology's
+        self._measured_link: Dict[Tuple[str, str], List[float]] = {}
 
     @classmethod
     def from_config(cls, cfg, spec: ModelSpec, topology: Topology) -> "CostModel":
@@ -106,8 +108,15 @@ class CostModel:
         if a == b:
             return 0.0
         nbytes = self.activation_bytes if nbytes is None else nbytes
-        modelled = self.topology.latency_s(a, b) + nbytes / self.topology.bandwidth_bytes_per_s(a, b)
-        return modelled * self._link_ratio.get(_link(a, b), 1.0) + self.message_overhead_s
+        latency, bandwidth = self.link(a, b)
+        return latency + nbytes / bandwidth + self.message_overhead_s
+
+    def link(self, a: str, b: str) -> Tuple[float, float]:
+        """``(latency_s, bytes_per_s)`` of the link: measured if it was, else the topology's."""
+        measured = self._measured_link.get(_link(a, b))
+        if measured is not None:
+            return measured[0], measured[1]
+        return self.topology.latency_s(a, b), self.topology.bandwidth_bytes_per_s(a, b)
 
     def transfer_matrix_s(self, names: Sequence[str] = None, nbytes=None) -> np.ndarray:
         """Activation transfer times between all pairs of ``names`` (node x node), vectorised."""
@@ -124,11 +133,11 @@ class CostModel:
         return matrix
 
     def transfer_table_s(self, names: Sequence[str]) -> np.ndarray:
-        """``transfer_s(a, b)`` for every pair of ``names`` (measured link ratios folded in), vectorised."""
+        """``transfer_s(a, b)`` for every pair of ``names`` (measured links folded in), vectorised."""
         matrix = self.transfer_matrix_s(names)
-        if self._link_ratio:
+        if self._measured_link:
             index = {n: i for i, n in enumerate(names)}
-            for a, b in self._link_ratio:
+            for a, b in self._measured_link:
                 if a in index and b in index:
                     i, j = index[a], index[b]
                     matrix[i, j] = matrix[j, i] = self.transfer_s(a, b)
@@ -155,8 +164,9 @@ class CostModel:
         n = len(nodes)
         if n <= 1 or not self.grad_sync:
             return 0.0
-        slowest_bw = min(self.topology.bandwidth_bytes_per_s(a, b) for a in nodes for b in nodes if a != b)
-        worst_lat = max(self.topology.latency_s(a, b) for a in nodes for b in nodes if a != b)
+        links = [self.link(a, b) for a in nodes for b in nodes if a != b]
+        slowest_bw = min(bw for _, bw in links)
+        worst_lat = max(lat for lat, _ in links)
         volume = 2.0 * (n - 1) / n * self.stage_param_bytes(stage)
         return volume / slowest_bw + 2 * (n - 1) * (worst_lat + self.message_overhead_s)
 
@@ -172,15 +182,27 @@ class CostModel:
         self._node_ratio[node] = ratio if prev is None else (1 - w) * prev + w * ratio
         self._typical_ratio = float(np.median(list(self._node_ratio.values())))
 
-    def observe_link(self, a: str, b: str, seconds: float, nbytes: float) -> None:
-        """Fold a measured transfer (without message overhead) into the link's time ratio (EWMA)."""
-        if a == b:
+    def observe_link_estimate(self, a: str, b: str, latency_s: float, bytes_per_s: float,
+                              reset: bool = False) -> None:
+        """Fold a measured latency and bandwidth of the link a-b in (EWMA; ``reset``: replace, the
+        link changed); it replaces the topology's values from now on."""
+        if a == b or not bytes_per_s > 0:
             return
-        modelled = self.topology.latency_s(a, b) + nbytes / self.topology.bandwidth_bytes_per_s(a, b)
-        ratio = seconds / max(modelled, 1e-12)
         key, w = _link(a, b), self.measured_ewma
-        prev = self._link_ratio.get(key)
-        self._link_ratio[key] = ratio if prev is None else (1 - w) * prev + w * ratio
+        old = self._measured_link.get(key)
+        if old is None or reset:
+            self._measured_link[key] = [latency_s, bytes_per_s]
+        else:  # average the time per byte, not the bandwidth: one slow sample must weigh as much as a fast one
+            old[0] = (1 - w) * old[0] + w * latency_s
+            old[1] = 1.0 / ((1 - w) / old[1] + w / bytes_per_s)
+
+    def measured_links(self) -> Dict[Tuple[str, str], Tuple[float, float]]:
+        """``(a, b) -> (latency_s, bytes_per_s)`` of the links measured so far (a <= b)."""
+        return {k: (v[0], v[1]) for k, v in self._measured_link.items()}
+
+    def forget_link(self, a: str, b: str) -> None:
+        """Drop what was measured of the link: it is costed as the topology says again (a probe)."""
+        self._measured_link.pop(_link(a, b), None)
 
     def forget(self, node: str) -> None:
         """Drop what was measured of ``node``'s compute: it is costed as a typical node again (to

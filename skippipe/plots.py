@@ -116,6 +116,49 @@ def _clip_outliers(ax, steps, measured, predicted) -> None:
                         xytext=(4, -12), fontsize=8, color="tab:blue")
 
 
+def plot_links(metrics: List[Dict[str, Any]], topology, path: Path, title: str = "", limit: int = 8) -> Optional[Path]:
+    """Measured (``link/<a>-<b>/latency_ms`` and ``/gbps``, solid) against configured (the run's
+    topology, dashed) per link over the steps; the ``limit`` links furthest from their configured
+    values. None when the run measured no links (in-process runs)."""
+    keys = sorted({k.rsplit("/", 1)[0] for m in metrics for k in m if k.startswith("link/") and k.endswith("/latency_ms")})
+    if not keys:
+        return None
+    from skippipe.topology import split_link
+
+    names = topology.names()
+    links = [(k, split_link(k[len("link/"):], names)) for k in keys]
+    links = [(k, pair) for k, pair in links if pair is not None]
+    if not links:
+        return None
+
+    def deviation(item):
+        key, (a, b) = item
+        _, lat = _series(metrics, key + "/latency_ms")
+        configured = topology.latency_s(a, b) * 1e3
+        return max(max(v / configured, configured / v) if v > 0 and configured > 0 else 1.0 for v in lat)
+
+    links = sorted(links, key=deviation, reverse=True)[:limit]
+    plt = _pyplot()
+    fig, (ax_lat, ax_bw) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    for i, (key, (a, b)) in enumerate(links):
+        colour = f"C{i % 10}"
+        for ax, suffix, configured in ((ax_lat, "/latency_ms", topology.latency_s(a, b) * 1e3),
+                                       (ax_bw, "/gbps", topology.bandwidth_bytes_per_s(a, b) * 8 / 1e9)):
+            steps, values = _series(metrics, key + suffix)
+            ax.plot(steps, values, "o-", ms=2, color=colour, label=f"{a}-{b} measured" if ax is ax_lat else None)
+            ax.axhline(configured, color=colour, ls="--", lw=0.8)
+    ax_lat.set_ylabel("latency (ms)")
+    ax_bw.set_ylabel("bandwidth (Gbit/s)")
+    for ax in (ax_lat, ax_bw):
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3, which="both")
+    ax_bw.set_xlabel("step")
+    _integer_steps(ax_bw)
+    ax_lat.legend(fontsize=7, ncol=2)
+    ax_lat.set_title(title or "links: measured (solid) vs configured (dashed)")
+    return _save(fig, path)
+
+
 def plot_coverage(metrics: List[Dict[str, Any]], path: Path, title: str = "") -> Path:
     """Top: stage x step heat map of ``stage/<k>/coverage``. Bottom: per stage, the mean over the run
     (whiskers: lowest and highest step) and the measured busy fraction."""
@@ -253,6 +296,12 @@ def plot_run(run_dir: str | Path, step: Optional[int] = None, out_dir: Optional[
     written = [plot_loss(metrics, out / "loss.png", f"{name}: loss"),
                plot_iter_time(metrics, out / "iter_time.png", f"{name}: iteration time"),
                plot_coverage(metrics, out / "coverage.png", f"{name}: per-stage coverage")]
+    if (run_dir / "topology.yaml").is_file():
+        from skippipe.topology import Topology
+
+        links = plot_links(metrics, Topology.from_yaml(run_dir / "topology.yaml"), out / "links.png",
+                           f"{name}: links, measured (solid) vs configured (dashed)")
+        written += [links] if links is not None else []
     return written + ([gantt] if gantt is not None else [])
 
 

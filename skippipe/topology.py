@@ -152,6 +152,15 @@ class Topology:
         return cls(_SINGLE_REGION["names"], _SINGLE_REGION["latency_ms"], _SINGLE_REGION["bandwidth_gbps"], nodes)
 
 
+def split_link(key: str, names: Sequence[str]) -> Optional[tuple]:
+    """``"n0-n1"`` -> ``("n0", "n1")`` for two node names of ``names`` (names may hold '-');
+    None when no split names two distinct nodes or more than one does."""
+    known = set(names)
+    splits = [(key[:i], key[i + 1:]) for i, ch in enumerate(key) if ch == "-"]
+    found = [(a, b) for a, b in splits if a in known and b in known and a != b]
+    return found[0] if len(found) == 1 else None
+
+
 def _short(items: Sequence[str], limit: int = 8) -> str:
     return ", ".join(items[:limit]) + (", ..." if len(items) > limit else "")
 

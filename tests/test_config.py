@@ -40,6 +40,10 @@ def test_resolved_config_round_trips(tmp_path):
     (["topology.file=/no/such.yaml"], ["topology.file", "/no/such.yaml"]),
     (["fault.kill.step=3"], ["fault.kill needs both step and node"]),
     (["launcher=slurm"], ["launcher", "inprocess"]),
+    (["fault.slow_links.n0-n9=10"], ["fault.slow_links.n0-n9", "two node names", "nodes are n0"]),
+    (["fault.slow_links.n0-n1=-2"], ["fault.slow_links.n0-n1=-2", "must be a number > 0"]),
+    (["fault.slow_links.n0-n1=10", "cost.emulate_links=false"], ["fault.slow_links", "cost.emulate_links=true"]),
+    (["fault.slow_links_from=-1"], ["fault.slow_links_from=-1 must be a step >= 0"]),
 ])
 def test_bad_values_name_key_and_fix(overrides, words):
     with pytest.raises(ConfigError) as err:

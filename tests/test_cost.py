@@ -63,9 +63,22 @@ def test_measurements_replace_model_with_ewma():
     assert cost.bwd_s("n0", 2) == pytest.approx(2.0 * 1.5 * cost.modelled_fwd_s("n0", 2))
     cost.observe_compute("n0", 1, "F", base)
     assert cost.fwd_s("n0", 1) == pytest.approx(0.7 * 2 * base + 0.3 * base)
-    before = cost.transfer_s("n0", "n1")
-    cost.observe_link("n0", "n1", 2 * (before - 0.35), cost.activation_bytes)
-    assert cost.transfer_s("n0", "n1") == pytest.approx(2 * (before - 0.35) + 0.35)
+
+
+def test_measured_links_replace_the_topology_with_ewma_per_byte():
+    cost = _cost()
+    nbytes, overhead = cost.activation_bytes, cost.message_overhead_s
+    cost.observe_link_estimate("n1", "n0", 0.2, 1e6)  # either direction: one link
+    assert cost.transfer_s("n0", "n1") == pytest.approx(0.2 + nbytes / 1e6 + overhead)
+    assert cost.transfer_table_s(["n0", "n1"])[0, 1] == pytest.approx(cost.transfer_s("n0", "n1"))
+    cost.observe_link_estimate("n0", "n1", 0.1, 2e6)
+    # latency averaged, time per byte averaged (0.7 / 1e6 + 0.3 / 2e6 per byte)
+    assert cost.link("n0", "n1") == pytest.approx((0.7 * 0.2 + 0.3 * 0.1, 1 / (0.7 / 1e6 + 0.3 / 2e6)))
+    cost.observe_link_estimate("n0", "n1", 2.0, 1e5, reset=True)  # the link changed: no averaging
+    assert cost.link("n0", "n1") == pytest.approx((2.0, 1e5))
+    assert set(cost.measured_links()) == {("n0", "n1")}
+    cost.forget_link("n1", "n0")
+    assert cost.link("n0", "n1") == (cost.topology.latency_s("n0", "n1"), cost.topology.bandwidth_bytes_per_s("n0", "n1"))
 
 
 def test_unmeasured_node_is_assumed_typical():

@@ -100,12 +100,59 @@ def test_recovered_slow_node_is_probed_and_used_again(tmp_path):
     assert metrics(run)[-2]["fault/probes"] >= 1
 
 
+def _links_of(plan):
+    """How many messages of the plan's microbatches cross each link (a, b), a <= b."""
+    counts = {}
+    for mb in plan["microbatches"]:
+        nodes = [mb["originator"], *mb["path"], mb["originator"]]
+        for a, b in zip(nodes, nodes[1:]):
+            if a != b:
+                key = tuple(sorted((a, b)))
+                counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def test_degraded_link_is_replanned_around_and_probed_after_recovery(tmp_path, caplog):
+    """fault.slow_links makes a busy link 10x slower from step 2 until step 7: the coordinator
+    measures it, re-plans around it within 3 steps (saying why), and after the link recovers a probe
+    puts traffic on it again within fault.probe_after steps."""
+    run, topology = tmp_path / "run", tmp_path / "one_region.yaml"
+    topology.write_text("regions: {names: [r], latency_ms: [[20]], bandwidth_gbps: [[1]]}\n"
+                        "nodes: [" + ", ".join(f"{{name: n{i}, region: r}}" for i in range(6)) + "]\n")
+    single = ["schedule.memory=4", f"topology.file={topology}", "cost.emulate_links=true"]
+    from skippipe.config import load_config
+    from skippipe.model.presets import resolve_model_spec
+    from skippipe.planner import Planner
+
+    cfg = load_config("configs/tiny.yaml", [*SMALL, *single])
+    planner = Planner(cfg, resolve_model_spec(cfg.model, vocab_size=256))
+    plan = planner.plan(0).to_dict()
+    replicated = {n for nodes in planner.allocation if len(nodes) > 1 for n in nodes}
+    used = {k: v for k, v in _links_of(plan).items() if set(k) <= replicated}
+    a, b = max(sorted(used), key=used.get)  # the busiest link with another replica at both ends
+    with caplog.at_level("WARNING", logger="skippipe"):
+        assert main(["train", "configs/tiny.yaml", *SMALL, *single, "train.steps=14", f"run.dir={run}",
+                     "launcher=local", f"fault.slow_links.{a}-{b}=10.0", "fault.slow_links_from=2",
+                     "fault.slow_links_until=7", "fault.probe_after=3"]) == 0
+    routes = [json.loads(line) for line in (run / "routes.jsonl").read_text().splitlines()]
+    use = [_links_of(r["plan"]).get((a, b), 0) for r in routes]
+    assert use[0] > 0 and use[2] > 0, use  # the link was busy when it slowed down
+    replanned = next(i for i, n in enumerate(use) if i > 2 and n == 0)
+    assert replanned <= 2 + 3, use  # routed around within 3 steps of the change
+    assert any(n > 0 for n in use[7:7 + 3 + 1]), use  # used again within probe_after steps of recovering
+    assert any(f"re-planning: link {a}-{b} measured" in r.message for r in caplog.records)
+    lines = metrics(run)
+    assert lines[-2]["route/replans"] >= 1 and lines[-2]["link/probes"] >= 1
+    slow_step = lines[3]  # measured over the degraded link, in ms
+    assert slow_step[f"link/{a}-{b}/latency_ms"] > 8 * lines[1][f"link/{a}-{b}/latency_ms"]
+
+
 def _link_pair(rank, port, result_path):
     from datetime import timedelta
 
     import torch.distributed as dist
 
-    from skippipe.runtime.transport import ACT, LinkModel, Transport
+    from skippipe.runtime.transport import ACT, LinkModel, Transport, link_estimates
 
     store = dist.TCPStore("127.0.0.1", port, world_size=2, is_master=rank == 0)
     pg = dist.ProcessGroupGloo(store, rank, 2, timedelta(seconds=20))
@@ -113,19 +160,27 @@ def _link_pair(rank, port, result_path):
     transport = Transport(pg, {"a": 0, "b": 1}, "ab"[rank], torch.device("cpu"), 20.0, links)
     payload = torch.ones(2, 50_000)  # 400 kB -> 0.4 s on the wire
     if rank == 0:
+        store.wait(["posted"])  # the receiver waits before the message is sent: its times count
         sent = time.time()
         transport.send(payload, "b", step=0, microbatch_id=7, kind=ACT)
+        transport.send(payload, "b", step=1, microbatch_id=7, kind=ACT)  # over a link slowed 3x
         transport.flush()
         Path(result_path).write_text(json.dumps({"sent": sent}))
         store.set("written", "1")
         store.wait(["read"])
     else:
+        store.set("posted", "1")
         got = transport.recv("a", step=0, microbatch_id=7, kind=ACT, shape=(2, 50_000), dtype=torch.float32)
         received = time.time()
+        normal = link_estimates(transport.link_samples)["a"]
+        transport.link_samples, transport.links.factor = [], lambda a, b: 3.0  # fault.slow_links
+        transport.recv("a", step=1, microbatch_id=7, kind=ACT, shape=(2, 50_000), dtype=torch.float32)
+        slowed = link_estimates(transport.link_samples)["a"]
         store.wait(["written"])
         sent = json.loads(Path(result_path).read_text())["sent"]
         store.set("read", "1")
-        Path(result_path).write_text(json.dumps({"elapsed": received - sent, "ok": bool(torch.equal(got, payload))}))
+        Path(result_path).write_text(json.dumps({"elapsed": received - sent, "ok": bool(torch.equal(got, payload)),
+                                                 "normal": normal, "slowed": slowed}))
 
 
 def test_link_emulator_delays_by_latency_plus_bandwidth(tmp_path):
@@ -141,6 +196,13 @@ def test_link_emulator_delays_by_latency_plus_bandwidth(tmp_path):
     data = json.loads(result.read_text())
     assert data["ok"]
     assert data["elapsed"] >= 0.3 + 0.4 - 0.01  # lower bound only: latency + bytes / bandwidth
+    # what the receiver measured of the link (sent before the receive was posted: it counts)
+    normal, slowed = data["normal"], data["slowed"]
+    assert normal["latency_s"] == pytest.approx(0.3, rel=0.1)
+    assert normal["bytes_per_s"] == pytest.approx(1e6, rel=0.1)
+    # the second message queued behind the first (FIFO): its latency includes that wait, but the
+    # bandwidth, a difference of two times, is the slowed link's
+    assert slowed["bytes_per_s"] == pytest.approx(1e6 / 3, rel=0.1)
 
 
 def test_bad_header_is_named():

@@ -261,7 +261,7 @@ class Coordinator:
             warm = step > self.first_step and monitor.generation == generation
             generation = monitor.generation
             self.predictor.observe(planner.cost, outcome.node_reports, plan, iter_s, warm)
-            monitor.after_step(planner, outcome, plan)
+            monitor.after_step(planner, outcome, plan, step, warm)
             record = {"step": step, "loss/train": outcome.loss, "lr": lr, "grad_norm": outcome.grad_norm,
                       "time/iter_s": iter_s, "time/predicted_iter_s": predicted,
                       "time/planned_iter_s": plan.predicted_makespan_s,
@@ -292,6 +292,7 @@ class Coordinator:
         summary = {"step": cfg.train.steps, "loss/val": val, "ppl/val": math.exp(val),
                    "loss/train": record.get("loss/train"), "time/wall_s": time.perf_counter() - start,
                    "tokens": tokens, "route/reroutes": monitor.reroutes,
+                   "route/replans": monitor.replans,
                    **({"verify/chain": recorder.chain[:12]} if recorder.chain else {})}
         if hasattr(executor, "rejected"):
             summary["control/rejected"] = executor.rejected()

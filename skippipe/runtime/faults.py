@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Tuple
 
 from skippipe.errors import RunFailed
 from skippipe.plan import Plan
+from skippipe.runtime.links import LinkWatch
 from skippipe.runtime.remote import NodeFailure
 
 log = logging.getLogger("skippipe")
@@ -46,6 +47,15 @@ class FaultMonitor:
         self._probing: set = set()
         self._probe_after: Dict[str, int] = {}
         self.probes = 0
+        self.links = LinkWatch(cfg.fault.slow_threshold, cfg.fault.probe_after)
+        self.replans = 0  # every re-plan after the first plan, whatever its reason (logged)
+        self.link_metrics: Dict[str, float] = {}
+
+    def replan(self, planner, step: int, reason: str) -> None:
+        """Re-plan before the next step, saying why (``route/replans``)."""
+        log.warning("step %d: re-planning: %s", step, reason)
+        planner.invalidate()
+        self.replans += 1
 
     def execute(self, planner, executor, step: int, lr: float, data, checkpoint=None) -> Tuple[Plan, Any]:
         """Run ``step``; on a node failure re-plan without the failed nodes and redo it."""
@@ -78,7 +88,7 @@ class FaultMonitor:
         self.generation = executor.generation
         self.dead |= failure.dead
         planner.state.dead = set(self.dead)
-        planner.invalidate()
+        self.replan(planner, step, f"{', '.join(sorted(failure.dead))} failed")
         self.reroutes += 1
         if self.cfg.fault.replace:
             for node in sorted(failure.dead):
@@ -103,7 +113,7 @@ class FaultMonitor:
             self.generation = executor.generation
             self.dead -= set(joined)
             planner.state.dead = set(self.dead)
-            planner.invalidate()
+            self.replan(planner, step, f"{', '.join(joined)} joined")
             self.reroutes += 1
             log.warning("step %d: %s joined (generation %d)", step, ", ".join(joined), self.generation)
             self.events.append({"step": step, "generation": self.generation, "joined": joined})
@@ -138,11 +148,15 @@ class FaultMonitor:
                     node.region, stage)
         self.events.append({"step": step, "requested": node.name, "stage": stage})
 
-    def after_step(self, planner, outcome, plan: Plan) -> None:
-        """Mark nodes persistently slower than their peers and re-plan so fewer microbatches go
+    def after_step(self, planner, outcome, plan: Plan, step: int = 0, warm: bool = True) -> None:
+        """Fold the step's measured links in and re-plan when one changed (:class:`LinkWatch`);
+        mark nodes persistently slower than their peers and re-plan so fewer microbatches go
         through them. A node's speed is its measured compute time (CPU time on CPU) over the cost
         model's time for the same work, relative to the median node; slow means above
         ``fault.slow_threshold`` for SLOW_STEPS steps in a row, so a noisy step is not enough."""
+        for reason in self.links.observe(planner.cost, outcome.node_reports, plan, warm):
+            self.replan(planner, step, reason)
+        self.link_metrics = self.links.metrics(planner.cost)
         ratios = self._speed_ratios(planner.cost, outcome, plan)
         if len(ratios) < 2:
             return
@@ -171,7 +185,8 @@ class FaultMonitor:
         if set(slow) != set(self.slow):  # also when a node goes on probation
             for node in sorted(set(slow) - set(self.slow)):
                 log.warning("node %s is %.1fx slower than its peers; routing around it", node, slow[node])
-            planner.invalidate()
+            changed = sorted(set(slow) ^ set(self.slow))
+            self.replan(planner, step, f"slow nodes changed ({', '.join(changed)})")
             self.reroutes += 1
         self.slow = slow
 
@@ -195,9 +210,12 @@ class FaultMonitor:
     def metrics(self) -> Dict[str, float]:
         """``node/<name>/slowdown``: measured compute time relative to the median node (1.0 = typical);
         after a recovery, ``fault/detect_s`` (step start to detection), ``fault/rebuild_s`` (new
-        generation and plan) and ``fault/recovered_s`` (step start to the redone step's completion)."""
+        generation and plan) and ``fault/recovered_s`` (step start to the redone step's completion);
+        ``route/replans`` and the measured links (:meth:`LinkWatch.metrics`)."""
         out = {f"node/{n}/slowdown": round(self.relative.get(n, 1.0), 3) for n in self.nodes if n not in self.dead}
         out.update(self.last_recovery)
+        out["route/replans"] = self.replans
+        out.update(self.link_metrics)
         if self.probes:
             out["fault/probes"] = self.probes  # slow nodes tried again after fault.probe_after idle steps
         return out

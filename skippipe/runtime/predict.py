@@ -19,7 +19,8 @@ from typing import Any, Dict, List, Optional
 from skippipe.plan import Plan
 
 # what a worker report keeps in routes.jsonl (``timings``): enough to replay the predictor
-TIMING_KEYS = ("compute_s", "compute_n", "compute_cpu_s", "recv_wait_s", "emulated_delay_s", "reduce_s", "step_s")
+TIMING_KEYS = ("compute_s", "compute_n", "compute_cpu_s", "recv_wait_s", "emulated_delay_s", "reduce_s", "step_s",
+               "links")
 
 
 def step_timings(outcome) -> Dict[str, Dict[str, Any]]:
@@ -80,6 +81,7 @@ def replay_predictions(run_dir, predictor: Optional[Predictor] = None) -> List[D
     from skippipe.cost import CostModel
     from skippipe.data import load_data
     from skippipe.model.presets import resolve_model_spec
+    from skippipe.runtime.links import LinkWatch
     from skippipe.simulate import simulate
     from skippipe.topology import Topology
     from skippipe.verify.replay import load_run_config
@@ -90,6 +92,7 @@ def replay_predictions(run_dir, predictor: Optional[Predictor] = None) -> List[D
     topology = Topology.from_yaml(run_dir / "topology.yaml")
     cost = CostModel.from_config(cfg, spec, topology)
     predictor = predictor or Predictor()
+    links = LinkWatch(cfg.fault.slow_threshold, cfg.fault.probe_after)  # as the coordinator's monitor
     out = []
     for text in (run_dir / "routes.jsonl").read_text().splitlines():
         line = json.loads(text)
@@ -100,4 +103,5 @@ def replay_predictions(run_dir, predictor: Optional[Predictor] = None) -> List[D
         out.append({"step": line["step"], "iter_s": line["iter_s"], "predicted_s": predicted,
                     "simulated_s": simulate(plan, cost).makespan_s})
         predictor.observe(cost, line["timings"], plan, line["iter_s"], line.get("warm", True))
+        links.observe(cost, line["timings"], plan, line.get("warm", True))
     return out

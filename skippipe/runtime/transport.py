@@ -13,7 +13,17 @@ earlier than ``latency(a, b) + bytes / bandwidth(a, b)`` after it was sent, FIFO
 geo-distributed topology runs on one box (``tc netem`` is not needed). The receiver does the waiting,
 using the sender's timestamp from the header (one clock: all emulated nodes share a machine). A
 stage's gradient collective waits what a ring all-reduce over its slowest link takes
-(:meth:`Transport.emulate_allreduce`), as the simulator assumes.
+(:meth:`Transport.emulate_allreduce`), as the simulator assumes. ``LinkModel.factor`` slows a link
+(``fault.slow_links``: latency and serialisation both times the factor, both directions).
+
+Measured links: every received message gives two one-way times, of its header (a few bytes: the
+latency) and of its payload (latency + bytes / bandwidth), from the sender's timestamp to the moment
+the receiver holds it. A time only counts when the receiver was already waiting (it posted the
+receive before the message was sent, or it slept for the emulated delivery): otherwise it measures
+the receiver being busy. :func:`link_estimates` takes the fastest of a step's times per link, robust
+to queueing and scheduling noise; the coordinator folds them into the cost model (EWMA). The same
+code measures real networks; their one-way latency is then only as good as the machines' clock
+sync (the bandwidth, a difference of two times, is not affected).
 
 Gloo matches messages by (source, tag); tags are unique per (microbatch, kind) inside a step and
 steps are separated by the gradient collectives, so arrival order does not matter. NCCL ignores tags
@@ -23,6 +33,7 @@ same order, and the header check turns any mismatch into a clear error.
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
@@ -103,6 +114,34 @@ class LinkModel:
 
     latency_s: Callable[[str, str], float]
     bandwidth_bytes_per_s: Callable[[str, str], float]
+    factor: Callable[[str, str], float] = lambda a, b: 1.0  # noqa: E731 (fault.slow_links, set per step)
+
+
+@dataclass
+class LinkSample:
+    """One received message: one-way seconds of its header and payload (None: the receiver was
+    busy, not waiting, so the time says nothing about the link)."""
+
+    src: str
+    header_s: Optional[float]
+    payload_s: Optional[float]
+    nbytes: int
+
+
+def link_estimates(samples: List[LinkSample]) -> Dict[str, Dict[str, float]]:
+    """``src -> {latency_s, bytes_per_s, n}`` from one step's samples of the links into a node:
+    the fastest header time is the latency, the fastest payload-minus-header time per byte the
+    inverse bandwidth (queueing and a busy host only ever add time)."""
+    out: Dict[str, Dict[str, float]] = {}
+    for src in sorted({s.src for s in samples}):
+        mine = [s for s in samples if s.src == src]
+        headers = [s.header_s for s in mine if s.header_s is not None]
+        per_byte = [max(s.payload_s - s.header_s, 1e-7) / s.nbytes for s in mine
+                    if s.header_s is not None and s.payload_s is not None and s.nbytes > 0]
+        if not headers or not per_byte:
+            continue
+        out[src] = {"latency_s": max(0.0, min(headers)), "bytes_per_s": 1.0 / min(per_byte), "n": len(per_byte)}
+    return out
 
 
 def message_tag(microbatch_id: int, kind: int) -> int:
@@ -128,6 +167,7 @@ class Transport:
         self.bytes_sent = 0
         self.recv_wait_s = 0.0
         self.emulated_delay_s = 0.0
+        self.link_samples: List[LinkSample] = []  # this step's; the worker reports and resets them
 
     # -- send -------------------------------------------------------------------------------
     def send(self, tensor: torch.Tensor, dst: str, step: int, microbatch_id: int, kind: int) -> None:
@@ -155,16 +195,28 @@ class Transport:
         """Receive the message the plan expects from ``src``; check its header; emulate the link."""
         tag = message_tag(microbatch_id, kind)
         peer = self.rank_of[src]
-        start = time.perf_counter()
+        start, posted = time.perf_counter(), time.time()
         header = torch.empty(HEADER_LEN, dtype=torch.float64, device=self.device)
         self._wait(self.pg.recv([header], peer, tag), src, "header", microbatch_id, kind)
         what = f"{KIND_NAMES[kind]} of microbatch {microbatch_id} (step {step}) from node {src}"
-        self._check_header(header.cpu().tolist(), step, microbatch_id, kind, shape, dtype, what, src)
+        values = header.cpu().tolist()
+        self._check_header(values, step, microbatch_id, kind, shape, dtype, what, src)
+        sent_at, nbytes = values[-1], math.prod(shape) * _element_size(dtype)
+        emulate = self.links is not None and src != self.me
+        # the receiver waited for the message iff it posted the receive before it was sent, or it
+        # sleeps for the emulated delivery
+        waited = sent_at >= posted
+        if emulate:
+            header_at, payload_at = self._emulated_delivery(src, sent_at, nbytes)
+            waited = self._sleep_until(header_at) or waited
+        header_s = time.time() - sent_at if waited else None
         payload = torch.empty(shape, dtype=dtype, device=self.device)
         self._wait(self.pg.recv([payload], peer, tag), src, "payload", microbatch_id, kind)
+        if emulate:
+            waited = self._sleep_until(payload_at) or (waited and header_s is not None)
+        if src != self.me:
+            self.link_samples.append(LinkSample(src, header_s, time.time() - sent_at if waited else None, nbytes))
         self.recv_wait_s += time.perf_counter() - start
-        if self.links is not None and src != self.me:
-            self._emulate_link(src, float(header[-1]), payload.numel() * payload.element_size())
         return payload
 
     def _wait(self, work, src: str, part: str, microbatch_id: int, kind: int) -> None:
@@ -198,22 +250,35 @@ class Transport:
         if self.links is None or len(members) < 2:
             return
         pairs = [(a, b) for a in members for b in members if a != b]
-        slowest = min(self.links.bandwidth_bytes_per_s(a, b) for a, b in pairs)
-        worst = max(self.links.latency_s(a, b) for a, b in pairs)
+        slowest = min(self.links.bandwidth_bytes_per_s(a, b) / self.links.factor(a, b) for a, b in pairs)
+        worst = max(self.links.latency_s(a, b) * self.links.factor(a, b) for a, b in pairs)
         n = len(members)
         delay = (0.0 if slowest == float("inf") else 2.0 * (n - 1) / n * nbytes / slowest) + 2 * (n - 1) * worst
         if delay > 0:
             time.sleep(delay)
             self.emulated_delay_s += delay
 
-    def _emulate_link(self, src: str, sent_at: float, nbytes: int) -> None:
-        """Hold the message until latency + bytes/bandwidth after it was sent, FIFO on this link."""
+    def _emulated_delivery(self, src: str, sent_at: float, nbytes: int) -> Tuple[float, float]:
+        """When the header and the payload of a message sent at ``sent_at`` arrive over the emulated
+        link: it is on the wire after the messages before it (FIFO), the header ``latency`` later,
+        the payload after ``bytes / bandwidth`` more; ``fault.slow_links`` multiplies both."""
+        factor = self.links.factor(src, self.me)
         bandwidth = self.links.bandwidth_bytes_per_s(src, self.me)
-        serialise_s = 0.0 if bandwidth == float("inf") else nbytes / bandwidth
-        on_wire = max(sent_at, self._link_free_at.get(src, 0.0)) + serialise_s
-        self._link_free_at[src] = on_wire
-        deliver_at = on_wire + self.links.latency_s(src, self.me)
-        delay = deliver_at - time.time()
-        if delay > 0:
-            time.sleep(delay)
-            self.emulated_delay_s += delay
+        serialise_s = 0.0 if bandwidth == float("inf") else factor * nbytes / bandwidth
+        on_wire = max(sent_at, self._link_free_at.get(src, 0.0))
+        self._link_free_at[src] = on_wire + serialise_s
+        latency = factor * self.links.latency_s(src, self.me)
+        return on_wire + latency, on_wire + serialise_s + latency
+
+    def _sleep_until(self, wall: float) -> bool:
+        """Sleep until wall-clock ``wall``; did it have to wait?"""
+        delay = wall - time.time()
+        if delay <= 0:
+            return False
+        time.sleep(delay)
+        self.emulated_delay_s += delay
+        return True
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()

@@ -27,14 +27,14 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 
 from skippipe.plan import Plan
 from skippipe.runtime.control import ControlChannel, connect_store
-from skippipe.runtime.transport import ACT, GRAD, Aborted, LinkModel, Transport, TransportError, Waiter
+from skippipe.runtime.transport import ACT, GRAD, Aborted, LinkModel, Transport, TransportError, Waiter, link_estimates
 from skippipe.train import compute
 from skippipe.verify.leaves import data_leaf, gnorm_leaves, hop_leaf, load_state_tensors, state_digests, state_tensors
 
@@ -187,6 +187,7 @@ class Worker:
             for a in added:  # nodes added to the running job (skippipe join)
                 topo = topo.with_node(Node(a["name"], a["region"], a["speed"], a["memory_gb"]))
             links = LinkModel(topo.latency_s, topo.bandwidth_bytes_per_s)
+            self._link_names = topo.names()
         self.transport = Transport(self.world_pg, self.rank_of, self.me, self.device, self.cfg.runtime.timeout_s,
                                    links, should_abort=self._aborted, waiter=self.waiter)
         self.generation = generation
@@ -304,6 +305,8 @@ class Worker:
         self._inject_faults(step)
         until = self.cfg.fault.slow_until
         self.slowdown = float(self.cfg.fault.slow_nodes.get(self.me, 1.0)) if until is None or step < until else 1.0
+        if self.transport.links is not None:
+            self.transport.links.factor = slow_links_at(self.cfg.fault, step, self._link_names)
         start = time.perf_counter()
         times = StepTimes()
         hook = None
@@ -324,6 +327,7 @@ class Worker:
                 "compute_s": times.compute_s,
                 "compute_n": times.compute_n, "compute_cpu_s": times.cpu_s, "reduce_s": times.reduce_s, "grad_norm": grad_norm,
                 "recv_wait_s": self.transport.recv_wait_s, "emulated_delay_s": self.transport.emulated_delay_s,
+                "links": link_estimates(self.transport.link_samples),
                 "step_s": time.perf_counter() - start, "node": self.me, "stage": self.stage_id,
                 "control_rejected": self.control.rejected,
                 "peak_rss_mb": _peak_rss_mb()}
@@ -348,6 +352,7 @@ class Worker:
         routes = {mb.id: mb for mb in plan.microbatches}
         self.acc = compute.GradAccumulator(stage, plan.visits_of(self.me)) if stage is not None else None
         self.transport.recv_wait_s = self.transport.emulated_delay_s = 0.0
+        self.transport.link_samples = []
         act_shape = (cfg.train.samples_per_microbatch, self.spec.seq_len, self.spec.dim)
         dtype = next(stage.parameters()).dtype if stage is not None else torch.float32
         saved, targets, losses = {}, {}, {}
@@ -450,6 +455,22 @@ class Worker:
         may still be blocked in one until the group timeout, and then ends harmlessly."""
         self.world_pg = self.stage_group = self.transport = None
         self.generation = -1
+
+
+def slow_links_at(fault, step: int, names) -> Callable[[str, str], float]:
+    """The ``LinkModel.factor`` of ``step``: ``fault.slow_links`` between ``slow_links_from`` and
+    ``slow_links_until`` (both directions of each named link), 1.0 otherwise."""
+    from skippipe.topology import split_link
+
+    start, until = fault.slow_links_from, fault.slow_links_until
+    if not fault.slow_links or (start is not None and step < start) or (until is not None and step >= until):
+        return lambda a, b: 1.0
+    factors = {}
+    for key, factor in fault.slow_links.items():
+        pair = split_link(str(key), names)
+        if pair is not None:
+            factors[pair] = factors[pair[::-1]] = float(factor)
+    return lambda a, b: factors.get((a, b), 1.0)
 
 
 def check_command_paths(command: Dict[str, Any], run_directory) -> None:
