@@ -23,7 +23,8 @@ class RouteLog:
         self._writer = JsonlWriter(run_dir / "routes.jsonl", append=append)
 
     def record(self, step: int, plan: Plan, generation: int = 0, timings: Optional[Dict[str, Any]] = None,
-               iter_s: Optional[float] = None, warm: Optional[bool] = None) -> None:
+               iter_s: Optional[float] = None, warm: Optional[bool] = None,
+               coordinator_cpu_s: Optional[float] = None) -> None:
         line = {"step": step, "generation": generation, "plan": plan.to_dict()}
         if timings:
             line["timings"] = timings
@@ -31,6 +32,8 @@ class RouteLog:
             line["iter_s"] = iter_s
         if warm is not None:
             line["warm"] = warm
+        if coordinator_cpu_s is not None:
+            line["coordinator_cpu_s"] = coordinator_cpu_s
         self._writer.write(line)
 
     def close(self) -> None:

@@ -186,6 +186,12 @@ def summarize(iter_s: List[float], warmup: int) -> Dict[str, float]:
     return {"median_s": statistics.median(timed), "p25_s": q[0], "p75_s": q[2], "n": len(timed)}
 
 
+def cpu_per_iteration(per_rank: List[List[float]], warmup: int) -> float:
+    """Median over the timed iterations of the CPU seconds summed over all ranks."""
+    totals = [sum(values) for values in zip(*(ranks[warmup:] for ranks in per_rank))]
+    return statistics.median(totals) if totals else math.nan
+
+
 def write_json(path: str, payload: dict) -> None:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -199,19 +205,21 @@ class Stopwatch:
 
     def __init__(self):
         self.iter_s: List[float] = []
-        self._t0 = 0.0
+        self.cpu_s: List[float] = []  # this rank's process CPU seconds per iteration (every thread)
+        self._t0 = self._c0 = 0.0
 
     def start(self) -> None:
         import torch.distributed as dist
 
         dist.barrier()
-        self._t0 = time.perf_counter()
+        self._t0, self._c0 = time.perf_counter(), time.process_time()
 
     def stop(self) -> None:
         import torch.distributed as dist
 
         dist.barrier()
         self.iter_s.append(time.perf_counter() - self._t0)
+        self.cpu_s.append(time.process_time() - self._c0)
 
 
 def add_run_arguments(parser) -> None:

@@ -74,7 +74,7 @@ def run_rank(rank: int, world_size: int, port: int, args) -> None:
         loss = engine.train_batch(data_iter=stream)
         watch.stop()
         losses.append(float(loss))
-    result = {"rank": rank, "iter_s": watch.iter_s, "losses": losses, "peak_rss_mb": common.peak_rss_mb()}
+    result = {"rank": rank, "iter_s": watch.iter_s, "cpu_s": watch.cpu_s, "losses": losses, "peak_rss_mb": common.peak_rss_mb()}
     gathered = [None] * world_size
     dist.all_gather_object(gathered, result)
     if rank == 0:
@@ -82,6 +82,7 @@ def run_rank(rank: int, world_size: int, port: int, args) -> None:
             "system": "deepspeed pipeline 1f1b", "deepspeed": deepspeed.__version__, "ranks": world_size,
             "microbatches": common.num_microbatches(cfg), "samples_per_microbatch": cfg.train.samples_per_microbatch,
             "warmup": args.warmup, **common.summarize(result["iter_s"], args.warmup), "iter_s": result["iter_s"],
+            "cpu_s": common.cpu_per_iteration([r["cpu_s"] for r in gathered], args.warmup),
             "losses": gathered[-1]["losses"], "peak_rss_mb": [r["peak_rss_mb"] for r in gathered],
             "overrides": list(args.overrides)})
     dist.destroy_process_group()

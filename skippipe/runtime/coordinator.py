@@ -246,6 +246,7 @@ class Coordinator:
         self.predictor = Predictor()
         generation = 0
         checkpoint = None  # a checkpoint of the last step's state, written with the next command
+        cpu_mark = time.process_time()  # this process's CPU per step goes to routes.jsonl (benchmarks)
         for step in range(self.first_step, cfg.train.steps):
             t0 = time.perf_counter()
             lr = lr_at(step, cfg.train)
@@ -273,8 +274,10 @@ class Coordinator:
             metrics.log(record)
             if outcome.rebuilt:
                 plan = replace(plan, extra={**plan.extra, "rebuilt": outcome.rebuilt})
+            cpu_now = time.process_time()
             routes.record(step, plan, generation=monitor.generation, timings=step_timings(outcome) or None,
-                          iter_s=iter_s, warm=warm)
+                          iter_s=iter_s, warm=warm, coordinator_cpu_s=cpu_now - cpu_mark)
+            cpu_mark = cpu_now
             bar.update(record)
         bar.close()
         stages, final_reports, written = executor.finish(out, checkpoint)

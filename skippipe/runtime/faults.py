@@ -51,9 +51,10 @@ class FaultMonitor:
         self.replans = 0  # every re-plan after the first plan, whatever its reason (logged)
         self.link_metrics: Dict[str, float] = {}
 
-    def replan(self, planner, step: int, reason: str) -> None:
-        """Re-plan before the next step, saying why (``route/replans``)."""
-        log.warning("step %d: re-planning: %s", step, reason)
+    def replan(self, planner, step: int, reason: str, quiet: bool = False) -> None:
+        """Re-plan before the next step, saying why (``route/replans``; ``quiet``: already said)."""
+        if not quiet:
+            log.warning("step %d: re-planning: %s", step, reason)
         planner.invalidate()
         self.replans += 1
 
@@ -88,7 +89,7 @@ class FaultMonitor:
         self.generation = executor.generation
         self.dead |= failure.dead
         planner.state.dead = set(self.dead)
-        self.replan(planner, step, f"{', '.join(sorted(failure.dead))} failed")
+        self.replan(planner, step, f"{', '.join(sorted(failure.dead))} failed", quiet=True)
         self.reroutes += 1
         if self.cfg.fault.replace:
             for node in sorted(failure.dead):
@@ -113,7 +114,7 @@ class FaultMonitor:
             self.generation = executor.generation
             self.dead -= set(joined)
             planner.state.dead = set(self.dead)
-            self.replan(planner, step, f"{', '.join(joined)} joined")
+            self.replan(planner, step, f"{', '.join(joined)} joined", quiet=True)
             self.reroutes += 1
             log.warning("step %d: %s joined (generation %d)", step, ", ".join(joined), self.generation)
             self.events.append({"step": step, "generation": self.generation, "joined": joined})
@@ -186,7 +187,7 @@ class FaultMonitor:
             for node in sorted(set(slow) - set(self.slow)):
                 log.warning("node %s is %.1fx slower than its peers; routing around it", node, slow[node])
             changed = sorted(set(slow) ^ set(self.slow))
-            self.replan(planner, step, f"slow nodes changed ({', '.join(changed)})")
+            self.replan(planner, step, f"slow nodes changed ({', '.join(changed)})", quiet=True)
             self.reroutes += 1
         self.slow = slow
 
