@@ -84,8 +84,9 @@ def test_stage_rebuilt_after_losing_every_replica_verifies(tmp_path, rebuild):
     """n3 holds stage 2 alone; it is killed and replaced. The replacement restarts the stage from
     ``fault.rebuild``; the plan of that step says so, and the replay does the same."""
     run = tmp_path / "run"
-    assert main(["train", *RUN, "train.steps=10", f"run.dir={run}", "checkpoint.every=2", "fault.kill.step=4",
-                 "fault.kill.node=n3", "fault.replace=true", f"fault.rebuild={rebuild}"]) == 0
+    # emulated links: steps of ~0.3 s, so the replacement (ready ~2 s after the kill) joins mid-run
+    assert main(["train", *RUN, "train.steps=16", f"run.dir={run}", "checkpoint.every=2", "fault.kill.step=4",
+                 "fault.kill.node=n3", "fault.replace=true", f"fault.rebuild={rebuild}", "cost.emulate_links=true"]) == 0
     routes = [json.loads(x) for x in (run / "routes.jsonl").read_text().splitlines()]
     rebuilt = [(r["step"], r["plan"]["extra"]["rebuilt"]) for r in routes if "rebuilt" in r["plan"].get("extra", {})]
     assert len(rebuilt) == 1, rebuilt

@@ -254,8 +254,8 @@ class RemoteExecutor:
                 self.sync[stage] = sources[0]
             elif stage in self.origin:
                 continue  # another new replica of the same stage: it starts like the first one
-            elif rebuild == "checkpoint" and self._verified_checkpoint() is not None:
-                self.restore[stage] = str(self._verified_checkpoint())
+            elif rebuild == "checkpoint" and self._verified_checkpoint(stage) is not None:
+                self.restore[stage] = str(self._verified_checkpoint(stage))
                 self.origin[stage] = {"from": "checkpoint", "step": int(Path(self.restore[stage]).name)}
                 log.warning("stage %d lost every replica: %s restores it from %s", stage, node, self.restore[stage])
             elif rebuild == "checkfree":
@@ -270,8 +270,9 @@ class RemoteExecutor:
                 log.warning("stage %d lost every replica: %s restarts it from its initial parameters", stage, node)
         return ready
 
-    def _verified_checkpoint(self):
-        """The newest checkpoint of this run that verifies against its manifest and the ledger."""
+    def _verified_checkpoint(self, stage: int):
+        """The newest checkpoint of this run that holds ``stage`` and verifies against its manifest
+        and the ledger (later ones, written after the stage lost every replica, lack it)."""
         from pathlib import Path
 
         from skippipe.config import run_dir
@@ -281,7 +282,7 @@ class RemoteExecutor:
         out = run_dir(self.cfg)
         if not (out / "ledger" / "steps.jsonl").is_file():
             return None
-        step, _ = newest_verified_checkpoint(out, read_ledger(out))
+        step, _ = newest_verified_checkpoint(out, read_ledger(out), holding=f"stage{stage}.pt")
         return None if step is None else Path(out) / "ckpt" / str(step)
 
     # -- end ------------------------------------------------------------------------------------

@@ -223,12 +223,16 @@ def _check_against_ledger(ckpt_dir: Path, manifest: dict, ledger: Ledger) -> Opt
     return None
 
 
-def newest_verified_checkpoint(run_dir, ledger: Optional[Ledger] = None, at_or_before: Optional[int] = None
-                               ) -> Tuple[Optional[int], List[str]]:
-    """The newest checkpoint step (``<= at_or_before``) that verifies, and the problems of newer ones."""
+def newest_verified_checkpoint(run_dir, ledger: Optional[Ledger] = None, at_or_before: Optional[int] = None,
+                               holding: Optional[str] = None) -> Tuple[Optional[int], List[str]]:
+    """The newest checkpoint step (``<= at_or_before``; with the file ``holding``, e.g. ``stage2.pt``:
+    a checkpoint written while a stage had no replica has none of it) that verifies, and the
+    problems of newer ones."""
     problems = []
     for step in reversed(list_checkpoints(run_dir)):
         if at_or_before is not None and step > at_or_before:
+            continue
+        if holding is not None and not (Path(run_dir) / "ckpt" / str(step) / holding).is_file():
             continue
         problem = verify_checkpoint(Path(run_dir) / "ckpt" / str(step), ledger)
         if problem is None:
