@@ -7,7 +7,7 @@ TORCH   ?= torch==2.13.0
 export OMP_NUM_THREADS ?= 1
 export WANDB_SILENT ?= true
 
-.PHONY: install run test test-fast lint bench bench-plan bench-plan-suite bench-runtime bench-quality bench-fault bench-verify bench-chaos check-docs clean
+.PHONY: install run test test-fast lint bench bench-plan bench-plan-suite bench-runtime bench-network bench-quality bench-fault bench-verify bench-chaos check-docs clean
 
 install: $(STAMP)
 
@@ -36,7 +36,7 @@ check-docs: install
 lint: install
 	$(BIN)/ruff check skippipe tests bench launch
 
-bench: bench-plan bench-plan-suite bench-runtime bench-fault bench-verify bench-quality
+bench: bench-plan bench-plan-suite bench-runtime bench-network bench-fault bench-verify bench-quality
 
 bench-plan: install
 	$(BIN)/python bench/plan_bench.py
@@ -46,6 +46,9 @@ bench-plan-suite: install
 
 bench-runtime: install
 	$(BIN)/python bench/runtime_bench.py
+
+bench-network: install
+	$(BIN)/python bench/network_bench.py
 
 bench-fault: install
 	$(BIN)/python bench/fault_bench.py
