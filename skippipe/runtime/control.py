@@ -121,6 +121,7 @@ class ControlChannel:
     def __init__(self, store: dist.Store, timeout_s: float, namespace: str = "", secret: Optional[str] = None):
         self.raw = dist.PrefixStore(f"{PREFIX}{namespace}", store)
         self.store = self.raw
+        self._base, self._prefix = store, f"{PREFIX}{namespace}"
         self.timeout_s = timeout_s
         secret = secret if secret is not None else os.environ.get(SECRET_ENV)
         if not secret:
@@ -203,8 +204,25 @@ class ControlChannel:
     def command(self, step: int, payload: Dict[str, Any]) -> None:
         self.put(f"cmd/{step}", payload)
 
-    def report(self, index: int, node: str, payload: Dict[str, Any]) -> None:
+    def report(self, index: int, node: str, payload: Dict[str, Any], expected: int = 0) -> None:
+        """Report on command ``index``; the last of its ``expected`` members rings the doorbell."""
         self.put(f"report/{index}/{node}", payload)
+        if self.store.add(f"reported/{index}", 1) >= expected > 0:
+            self.store.set(f"allin/{index}", "1")
+
+    def ring(self, index: int) -> None:
+        """Ring command ``index``'s doorbell (the coordinator, to release its own waiter)."""
+        self.store.set(f"allin/{index}", "1")
+
+    def doorbell_connection(self) -> Optional[dist.Store]:
+        """A second connection to the same store and namespace, for a thread that blocks on the
+        doorbell while this one keeps working (one TCPStore client must not serve two threads);
+        None when the store is not a TCPStore."""
+        if not isinstance(self._base, dist.TCPStore):
+            return None
+        client = dist.TCPStore(self._base.host, self._base.port, world_size=None, is_master=False,
+                               timeout=timedelta(seconds=self.timeout_s), wait_for_workers=False)
+        return dist.PrefixStore(self._prefix, client)
 
     def heartbeat(self, node: str) -> None:
         self.put(f"hb/{node}", time.time())

@@ -567,6 +567,7 @@ def serve(env: WorkerEnv, control: ControlChannel, namespace: str = "") -> None:
                 raise RuntimeError(f"the coordinator aborted the run: {command['abort']}")
             if worker.me not in command.get("members", [worker.me]):
                 return  # excluded from the new generation
+            expected = len(command.get("members", []))  # the last of them to report rings the doorbell
             extra: Dict[str, Any] = {}
             try:
                 worker.check_paths(command)
@@ -577,18 +578,19 @@ def serve(env: WorkerEnv, control: ControlChannel, namespace: str = "") -> None:
                 if command.get("stop"):
                     if plan is not None and command.get("save_dir"):
                         worker.save_final(plan, command["save_dir"])
-                    control.report(index, worker.me, {"ok": True, "stopped": True, **extra})
+                    control.report(index, worker.me, {"ok": True, "stopped": True, **extra}, expected)
                     return
                 plan = Plan.from_dict(command["plan"])
                 if command["generation"] != worker.generation:
                     worker.setup(command, plan)
                 if command.get("load"):
                     worker.load_checkpoint(command["load"])
-                control.report(index, worker.me, {**worker.step(plan, command["step"], command["lr"]), **extra})
+                control.report(index, worker.me, {**worker.step(plan, command["step"], command["lr"]), **extra},
+                               expected)
             except Exception as err:  # report, drop this generation's groups, wait for the next command
                 info = {**describe_error(err), "state": extra.get("state") or worker.take_state_report(),
                         "ckpt": extra.get("ckpt")}
-                control.report(index, worker.me, info)
+                control.report(index, worker.me, info, expected)
                 if info["secondary"]:  # caused by a peer: one line; the coordinator names the cause
                     log.warning("step abandoned: %s", info["message"][:200])
                 else:
