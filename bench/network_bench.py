@@ -44,7 +44,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+from baselines.common import write_json  # noqa: E402
 from runtime_bench import machine_info, run_skippipe  # noqa: E402
+
+from skippipe.plan import Plan  # noqa: E402
+from skippipe.runtime.links import links_used  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "network_bench.json"
 COMMON = ["configs/tiny.yaml", "launcher=local", "tracking.wandb.mode=disabled", "tracking.progress=false",
@@ -108,14 +112,7 @@ def prediction(name: str, overrides: List[str], method: str, steps: int, workdir
 
 
 def link_use(plan: dict) -> Dict[tuple, int]:
-    counts: Dict[tuple, int] = {}
-    for mb in plan["microbatches"]:
-        nodes = [mb["originator"], *mb["path"], mb["originator"]]
-        for a, b in zip(nodes, nodes[1:]):
-            if a != b:
-                key = tuple(sorted((a, b)))
-                counts[key] = counts.get(key, 0) + 1
-    return counts
+    return links_used(Plan.from_dict(plan))
 
 
 def degradation(name: str, overrides: List[str], workdir: Path) -> dict:
@@ -173,14 +170,6 @@ def print_table(report: dict) -> None:
         print(f"faster than static: median {statistics.median(faster):.1%}, worst {min(faster):.1%}")
 
 
-def save(report: dict, path: str) -> None:
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=1))
-    tmp.replace(out)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run: one random topology, short runs")
@@ -203,16 +192,16 @@ def main(argv=None) -> int:
             for method in ("full", "skippipe"):
                 print(f"A. {name} {method}", flush=True)
                 report["prediction"][f"{name}/{method}"] = prediction(name, overrides, method, args.steps, workdir)
-                save(report, args.out)
+                write_json(args.out, report)
     if args.only in (None, "degradation"):
         for name, overrides in all_cases.items():
             if name.startswith("random") or name == "hetero":
                 print(f"B. {name}", flush=True)
                 report["degradation"][name] = degradation(name, overrides, workdir)
-                save(report, args.out)
+                write_json(args.out, report)
     report["loadavg_end"] = os.getloadavg()
     report["wall_s"] = time.time() - started
-    save(report, args.out)
+    write_json(args.out, report)
     print_table(report)
     print(f"\nwrote {args.out} (run logs in {workdir})")
     return 0

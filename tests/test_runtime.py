@@ -101,15 +101,11 @@ def test_recovered_slow_node_is_probed_and_used_again(tmp_path):
 
 
 def _links_of(plan):
-    """How many messages of the plan's microbatches cross each link (a, b), a <= b."""
-    counts = {}
-    for mb in plan["microbatches"]:
-        nodes = [mb["originator"], *mb["path"], mb["originator"]]
-        for a, b in zip(nodes, nodes[1:]):
-            if a != b:
-                key = tuple(sorted((a, b)))
-                counts[key] = counts.get(key, 0) + 1
-    return counts
+    """How many messages of a recorded plan's microbatches cross each link (a, b), a <= b."""
+    from skippipe.plan import Plan
+    from skippipe.runtime.links import links_used
+
+    return links_used(Plan.from_dict(plan))
 
 
 def test_degraded_link_is_replanned_around_and_probed_after_recovery(tmp_path, caplog):

@@ -214,12 +214,10 @@ class ControlChannel:
         """Ring command ``index``'s doorbell (the coordinator, to release its own waiter)."""
         self.store.set(f"allin/{index}", "1")
 
-    def doorbell_connection(self) -> Optional[dist.Store]:
-        """A second connection to the same store and namespace, for a thread that blocks on the
-        doorbell while this one keeps working (one TCPStore client must not serve two threads);
-        None when the store is not a TCPStore."""
-        if not isinstance(self._base, dist.TCPStore):
-            return None
+    def doorbell_connection(self) -> dist.Store:
+        """A second connection to the same store and namespace (every launcher's is a TCPStore), for
+        a thread that blocks on the doorbell while this one keeps working (one TCPStore client must
+        not serve two threads)."""
         client = dist.TCPStore(self._base.host, self._base.port, world_size=None, is_master=False,
                                timeout=timedelta(seconds=self.timeout_s), wait_for_workers=False)
         return dist.PrefixStore(self._prefix, client)

@@ -25,6 +25,19 @@ REPLAN_GAIN = 0.1  # a changed link re-plans when it makes the running plan's pr
 Link = Tuple[str, str]
 
 
+def links_used(plan) -> Dict[Link, int]:
+    """``(a, b) -> messages`` (a <= b) that a plan's microbatches send over each link, both ways
+    (a :class:`~skippipe.plan.Plan`; tests and benchmarks read it off recorded routes)."""
+    counts: Dict[Link, int] = {}
+    for mb in plan.microbatches:
+        nodes = [mb.originator, *mb.path, mb.originator]
+        for a, b in zip(nodes, nodes[1:]):
+            if a != b:
+                key = (a, b) if a <= b else (b, a)
+                counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
 def step_links(reports: Dict[str, Dict[str, Any]]) -> Dict[Link, Tuple[float, float]]:
     """``(a, b) -> (latency_s, bytes_per_s)`` (a <= b) of one step's worker reports; both
     directions of a link are one link: the faster measurement of the two (the fastest sample)."""

@@ -47,18 +47,15 @@ class NodeFailure(Exception):
 
 class Doorbell:
     """Wakes the coordinator when every member has reported on a command: a thread blocked in the
-    store (on its own connection) until the last reporter sets ``allin/<index>``. Without a second
-    connection it falls back to polling the key every 2 ms."""
+    store (on its own connection) until the last reporter sets ``allin/<index>``."""
 
     def __init__(self, control):
         self.control = control
         self.store = control.doorbell_connection()
         self._thread: Optional[threading.Thread] = None
 
-    def watch(self, index: int, timeout_s: float):
-        """Something with ``is_set()`` and ``wait(timeout)``, set once every member reported."""
-        if self.store is None:
-            return _PolledBell(self.control, index)
+    def watch(self, index: int, timeout_s: float) -> threading.Event:
+        """An event set once every member of command ``index`` reported."""
         rang = threading.Event()
         self._thread = threading.Thread(target=self._block, args=(index, timeout_s, rang), daemon=True,
                                         name="skippipe-doorbell")
@@ -78,20 +75,6 @@ class Doorbell:
             self.control.ring(index)
             self._thread.join()
         self._thread = None
-
-
-class _PolledBell:
-    """The doorbell without a second connection: the key, checked every 2 ms by the caller."""
-
-    def __init__(self, control, index: int):
-        self.control, self.key = control, f"allin/{index}"
-
-    def is_set(self) -> bool:
-        return self.control.store.check([self.key])
-
-    def wait(self, timeout: float) -> bool:
-        time.sleep(min(timeout, 0.002))
-        return self.is_set()
 
 
 class RemoteExecutor:

@@ -33,7 +33,6 @@ same order, and the header check turns any mismatch into a clear error.
 
 from __future__ import annotations
 
-import math
 import queue
 import threading
 import time
@@ -201,7 +200,8 @@ class Transport:
         what = f"{KIND_NAMES[kind]} of microbatch {microbatch_id} (step {step}) from node {src}"
         values = header.cpu().tolist()
         self._check_header(values, step, microbatch_id, kind, shape, dtype, what, src)
-        sent_at, nbytes = values[-1], math.prod(shape) * _element_size(dtype)
+        payload = torch.empty(shape, dtype=dtype, device=self.device)
+        sent_at, nbytes = values[-1], payload.numel() * payload.element_size()
         emulate = self.links is not None and src != self.me
         # the receiver waited for the message iff it posted the receive before it was sent, or it
         # sleeps for the emulated delivery
@@ -210,10 +210,9 @@ class Transport:
             header_at, payload_at = self._emulated_delivery(src, sent_at, nbytes)
             waited = self._sleep_until(header_at) or waited
         header_s = time.time() - sent_at if waited else None
-        payload = torch.empty(shape, dtype=dtype, device=self.device)
         self._wait(self.pg.recv([payload], peer, tag), src, "payload", microbatch_id, kind)
         if emulate:
-            waited = self._sleep_until(payload_at) or (waited and header_s is not None)
+            waited = self._sleep_until(payload_at) or waited
         if src != self.me:
             self.link_samples.append(LinkSample(src, header_s, time.time() - sent_at if waited else None, nbytes))
         self.recv_wait_s += time.perf_counter() - start
@@ -278,7 +277,3 @@ class Transport:
         time.sleep(delay)
         self.emulated_delay_s += delay
         return True
-
-
-def _element_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
