@@ -97,8 +97,10 @@ def test_idle_slow_link_is_probed_every_probe_after_steps():
     reasons = watch.observe(cost, {})
     assert len(reasons) == 1 and "probing link n0-n1" in reasons[0]
     assert cost.link("n0", "n1") == topo  # costed as the topology says
+    assert watch.probing == {("n0", "n1")}  # and the next plans must cross it (schedule.probe)
+    assert watch.observe(cost, {}) == [] and watch.probing == {("n0", "n1")}  # not measured yet: still asked for
     still = watch.observe(cost, _report(*slow))  # the probe found it slow: one step decides
-    assert "link n0-n1 measured" in still[0] and ("n0", "n1") in watch.slow
+    assert "link n0-n1 measured" in still[0] and ("n0", "n1") in watch.slow and not watch.probing
     for _ in range(2):
         watch.observe(cost, {})
     assert "probing" in watch.observe(cost, {})[0]  # the same wait again, not doubled
@@ -120,3 +122,41 @@ def test_slow_link_keys_and_schedule():
     assert slow_links_at(Fault, 3, names)("n1", "n0") == 10.0  # both directions
     assert slow_links_at(Fault, 3, names)("n0", "eu-a") == 1.0
     assert slow_links_at(Fault, 5, names)("n0", "n1") == 1.0
+
+
+def test_a_probe_routes_a_microbatch_over_the_link_the_router_avoids(tmp_path):
+    """One region, replicas everywhere: the router has equal alternatives and leaves links idle. A
+    probe (LiveState.probe_links) gets traffic on each such link by changing one microbatch's path,
+    within the path rules."""
+    from skippipe.config import load_config
+    from skippipe.model.presets import resolve_model_spec
+    from skippipe.plan import PathRules, check_plan
+    from skippipe.planner import Planner
+    from skippipe.runtime.links import links_used
+    from skippipe.schedule import LiveState, route
+    from skippipe.schedule.probe import crosses
+
+    topology = tmp_path / "one_region.yaml"
+    topology.write_text("regions: {names: [r], latency_ms: [[20]], bandwidth_gbps: [[1]]}\n"
+                        "nodes: [" + ", ".join(f"{{name: n{i}, region: r}}" for i in range(8)) + "]\n")
+    cfg = load_config("configs/tiny.yaml", [f"topology.file={topology}", "schedule.partition_sizes=[2,2,2,2]"])
+    planner = Planner(cfg, resolve_model_spec(cfg.model, vocab_size=256))
+    plan = planner.plan(0)
+    stage_of = plan.stage_of()
+    idle = [(a, b) for a in stage_of for b in stage_of
+            if a < b and stage_of[a] != stage_of[b] and not crosses(plan, a, b)]
+    assert idle, "the router used every link between stages: nothing to probe"
+    rules = PathRules.from_config(cfg.schedule)
+    for link in idle:
+        state = LiveState(microbatches=planner.state.microbatches, probe_links={link})
+        probed = route(planner.allocation, planner.topology, planner.cost, cfg, state=state)
+        assert crosses(probed, *link), link
+        check_plan(probed, rules)
+        assert probed.extra["probe_links"] == [f"{link[0]}-{link[1]}"]
+        changed = [m for m, p in zip(plan.microbatches, probed.microbatches) if m.path != p.path]
+        assert len(changed) == 1  # one microbatch moved, the others keep their paths
+        assert sum(links_used(probed).values()) == sum(links_used(plan).values())
+    a, b = idle[0]
+    state = LiveState(microbatches=planner.state.microbatches, dead={b}, probe_links={(a, b)})
+    kept = route(planner.allocation, planner.topology, planner.cost, cfg, state=state)  # a dead end: no probe
+    assert not crosses(kept, a, b) and "probe_links" not in kept.extra

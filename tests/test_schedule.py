@@ -270,13 +270,11 @@ def test_bottleneck_matching_small():
     assert bottleneck_matching(np.array([[5.0, 1.0, 7.0]])) == 1.0
 
 
-def test_tiny_config_plans_fast_and_identically():
-    import time
-
+def test_tiny_config_plans_with_bounded_effort_and_identically():
     cfg = load_config("configs/tiny.yaml", [])
-    start = time.process_time()
     first = make_plan(cfg, method="skippipe")
-    assert time.process_time() - start < 1.0  # CPU time: allocation + routing, however loaded the machine
+    # effort is counted, not timed (bench/plan_bench.py times it): a few hundred simulations
+    assert first.extra["search_evaluations"] <= 400
     assert make_plan(cfg, method="skippipe").to_dict() == first.to_dict()
     assert first.extra["search_capped"] is False
 

@@ -157,6 +157,7 @@ class FaultMonitor:
         ``fault.slow_threshold`` for SLOW_STEPS steps in a row, so a noisy step is not enough."""
         for reason in self.links.observe(planner.cost, outcome.node_reports, plan, warm):
             self.replan(planner, step, reason)
+        planner.state.probe_links = set(self.links.probing)
         self.link_metrics = self.links.metrics(planner.cost)
         ratios = self._speed_ratios(planner.cost, outcome, plan)
         if len(ratios) < 2:

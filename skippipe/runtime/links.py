@@ -11,8 +11,10 @@ The cost model then takes the new values as they are (no averaging with the old 
 they make the running plan's simulated step more than ``REPLAN_GAIN`` longer, the coordinator
 re-plans, giving the reason. A link that measured ``fault.slow_threshold`` times (and half a
 forward) slower than the topology says and then got no traffic for ``fault.probe_after`` steps is
-costed as the topology says again (a probe): the next plan may use it, and its timings decide. Unlike slow nodes, the wait does not grow after a
-failed probe: a link that recovers is used again within ``fault.probe_after`` steps.
+costed as the topology says again and the next plan is made to cross it (a probe,
+``schedule.probe``: with equally good alternatives the router alone may never pick it); its
+timings decide. Unlike slow nodes, the wait does not grow after a failed probe: a link that
+recovers is used again within ``fault.probe_after`` steps.
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ class LinkWatch:
         self.slow: Dict[Link, float] = {}  # links measured slower than the topology: -> that ratio
         self._streak: Dict[Link, int] = {}
         self._idle: Dict[Link, int] = {}
-        self._probing: set = set()
+        self.probing: set = set()  # links probed: the next plans must cross them until measured
         self.probes = 0
         self.last: Dict[Link, Tuple[float, float]] = {}  # this step's measurements
 
@@ -96,10 +98,10 @@ class LinkWatch:
             self._idle.pop(key, None)
             if max(now / held, held / now) <= self.threshold or abs(now - held) <= floor_s:
                 self._streak.pop(key, None)
-                self._probing.discard(key)  # a probe that found the link as the topology says: recovered
+                self.probing.discard(key)  # a probe that found the link as the topology says: recovered
                 cost.observe_link_estimate(a, b, lat, bw)
-            elif key in self._probing:  # a probe that found the link slow still: one step decides
-                self._probing.discard(key)
+            elif key in self.probing:  # a probe that found the link slow still: one step decides
+                self.probing.discard(key)
                 changed.append((key, lat, bw, held, now, topo))
             else:
                 self._streak[key] = self._streak.get(key, 0) + 1  # an outlier, or the link changed
@@ -128,11 +130,11 @@ class LinkWatch:
             if 0 < self.probe_after <= self._idle[key]:
                 self._idle.pop(key)
                 self.slow.pop(key)
-                self._probing.add(key)
+                self.probing.add(key)
                 cost.forget_link(*key)
                 self.probes += 1
                 reasons.append(f"probing link {key[0]}-{key[1]}: no traffic for {self.probe_after} steps "
-                               "since it was found slow; costed as the topology says again")
+                               "since it was found slow; costed as the topology says and routed over again")
         return reasons
 
     def metrics(self, cost) -> Dict[str, float]:

@@ -29,6 +29,7 @@ class LiveState:
     dead: Set[str] = field(default_factory=set)
     slowdown: Dict[str, float] = field(default_factory=dict)
     microbatches: Optional[int] = None
+    probe_links: Set[Tuple[str, str]] = field(default_factory=set)  # links a plan must cross (schedule.probe)
 
 
 class Problem:

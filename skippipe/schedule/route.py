@@ -4,7 +4,8 @@ One entry point, ``route``, for the four methods (one plan format): ``full``, ``
 ``skippipe_nc`` (``schedule.baselines``) and ``skippipe`` (``schedule.collide``). The pieces:
 ``schedule.space`` (path rules as a search space, TC1 capacity), ``schedule.problem`` (the
 problem of one call and the shared search primitives), ``schedule.search`` (simulator-scored local
-search), ``schedule.assemble`` (plan, node order, predicted time).
+search), ``schedule.assemble`` (plan, node order, predicted time), ``schedule.probe`` (traffic on a
+link the coordinator asks to measure).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from skippipe.schedule.assemble import assemble, finalise
 from skippipe.schedule.baselines import paths_full, paths_nc, paths_random
 from skippipe.schedule.collide import route_skippipe
 from skippipe.schedule.params import as_params
+from skippipe.schedule.probe import include_links
 from skippipe.schedule.problem import LiveState, build_problem
 
 __all__ = ["LiveState", "route"]
@@ -41,10 +43,10 @@ def route(allocation: List[List[str]], topology, cost, params, state: Optional[L
     prob = build_problem(allocation, cost, params, state, method)
     num_stages = len(allocation)
     if method == "skippipe":
-        return route_skippipe(prob, rng, num_stages, params.search_budget_s, effort_scale)
-    makers = {"full": paths_full, "random_skip": paths_random, "skippipe_nc": paths_nc}
-    if method not in makers:
-        raise PlanError(f"schedule.method={method!r} is unknown")
-    plan = assemble(prob, method, num_stages, makers[method](prob, rng))
-    plan, _ = finalise(plan, prob)
-    return plan
+        plan = route_skippipe(prob, rng, num_stages, params.search_budget_s, effort_scale)
+    else:
+        makers = {"full": paths_full, "random_skip": paths_random, "skippipe_nc": paths_nc}
+        if method not in makers:
+            raise PlanError(f"schedule.method={method!r} is unknown")
+        plan, _ = finalise(assemble(prob, method, num_stages, makers[method](prob, rng)), prob)
+    return include_links(plan, prob, state.probe_links) if state.probe_links else plan
