@@ -193,12 +193,24 @@ class RuntimeConfig:
 
 
 @dataclass
+class JoinTemplate:
+    stage: str = "auto"  # auto (the stage with the fewest live replicas) or a stage index
+    region: str = "from-label"  # from-label (the Ray node's label named by region_label) or a region name
+    region_label: str = "region"  # the Ray node label that names its region (region: from-label)
+    speed: float = 1.0  # the new node's relative compute speed
+    memory_gb: float = 80.0  # the new node's memory (the stage must fit)
+    name_prefix: str = "ray"  # the new node's name: <name_prefix>-<first 6 hex digits of the Ray node id>
+
+
+@dataclass
 class RayConfig:
     address: Optional[str] = None  # None: a local ray.init()
     placement_strategy: str = "PACK"  # PACK on one box, SPREAD across machines
     use_gpu: bool = False
     num_cpus_per_worker: Optional[float] = None  # CPUs per worker actor; None: 1, or what the cluster's free CPUs allow
     storage_path: Optional[str] = None  # where Ray runs write <run.name>/ when run.dir is unset; None: ./runs, or ~/skippipe_runs inside ray job submit
+    autojoin: bool = False  # a Ray node that joins the cluster during the run becomes a new node (as skippipe join)
+    join_template: JoinTemplate = field(default_factory=lambda: JoinTemplate())  # what such a node is
 
 
 @dataclass
@@ -453,6 +465,11 @@ def check_config(cfg: Config) -> None:
         raise ConfigError("fault.corrupt needs both step and node, e.g. fault.corrupt.step=7 fault.corrupt.node=n2")
     if cfg.run.threads <= 0:
         raise ConfigError(f"run.threads={cfg.run.threads} must be >= 1")
+    template = cfg.ray.join_template
+    if str(template.stage) != "auto" and not str(template.stage).isdigit():
+        raise ConfigError(f"ray.join_template.stage={template.stage!r} must be auto or a stage index, e.g. 1")
+    _positive(template.speed, "ray.join_template.speed", "1.0 is a typical node")
+    _positive(template.memory_gb, "ray.join_template.memory_gb")
     if cfg.run.name is not None and not re.fullmatch(r"[A-Za-z0-9._-]+", cfg.run.name):
         raise ConfigError(f"run.name={cfg.run.name!r} may hold only letters, digits, '.', '_' and '-'")
 

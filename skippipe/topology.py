@@ -8,17 +8,23 @@ DESIGN.md sections 3 and 8. A topology YAML has this shape::
       bandwidth_gbps: [[17, 0.1], [0.1, 17]]
     nodes:                      # or: generate: {count: 20, placement: round_robin}
       - {name: n0, region: a, speed: 1.0, memory_gb: 80}
+      - {name: n1, region: b, ray: {resources: {region_b: 1}, labels: {region: b}}}
 
 ``regions`` may also be a path to a regions-only YAML (top-level ``names``, ``latency_ms``,
 ``bandwidth_gbps``, as ``configs/topology/regions_gcp12.yaml``). ``generate`` places ``count``
 nodes named n0, n1, ... over the regions: ``round_robin`` (node i in region i mod R, as the
 SkipPipe reference), ``random`` (seeded) or ``single`` (all in the first region).
+
+``ray`` (optional, ``launcher=ray``): where the node's worker must run in a Ray cluster: custom
+``resources`` its bundle asks for (``ray start --resources='{"region_b": 4}'``) and ``labels`` the
+Ray node must carry (``ray start --labels='{"region": "b"}'``). A run's own ``topology.yaml`` adds
+``ray.placed_on`` (the Ray node's id and IP) for each node a Ray run placed.
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -36,6 +42,7 @@ class Node:
     region: str
     speed: float = 1.0  # relative compute speed (2.0: twice as fast)
     memory_gb: float = 80.0
+    ray: Dict[str, Any] = field(default_factory=dict, compare=False)  # {resources, labels, placed_on}
 
 
 class Topology:
@@ -113,8 +120,8 @@ class Topology:
         """The topology YAML's shape (regions and explicit nodes); ``from_dict`` reads it back."""
         return {"regions": {"names": list(self.region_names), "latency_ms": self.latency_ms.tolist(),
                             "bandwidth_gbps": self.bandwidth_gbps.tolist()},
-                "nodes": [{"name": n.name, "region": n.region, "speed": n.speed, "memory_gb": n.memory_gb}
-                          for n in self.nodes]}
+                "nodes": [{"name": n.name, "region": n.region, "speed": n.speed, "memory_gb": n.memory_gb,
+                           **({"ray": n.ray} if n.ray else {})} for n in self.nodes]}
 
     def save(self, path: Path) -> None:
         """Write the topology YAML atomically (temp file, then rename)."""
@@ -231,15 +238,38 @@ def _nodes_from(entries: Any, origin: str) -> List[Node]:
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or "name" not in entry or "region" not in entry:
             raise TopologyError(f"{origin}: nodes[{i}] needs 'name' and 'region'")
-        unknown = set(entry) - {"name", "region", "speed", "memory_gb"}
+        unknown = set(entry) - {"name", "region", "speed", "memory_gb", "ray"}
         if unknown:
             raise TopologyError(f"{origin}: nodes[{i}] has unknown keys {sorted(unknown)}")
         try:
             nodes.append(Node(str(entry["name"]), str(entry["region"]), float(entry.get("speed", 1.0)),
-                              float(entry.get("memory_gb", 80.0))))
+                              float(entry.get("memory_gb", 80.0)), _ray_of(entry.get("ray"), f"{origin}: nodes[{i}]")))
         except (TypeError, ValueError):
             raise TopologyError(f"{origin}: nodes[{i}] has a non-numeric speed or memory_gb") from None
     return nodes
+
+
+def _ray_of(spec: Any, where: str) -> Dict[str, Any]:
+    """A node's ``ray`` entry, checked: ``resources`` name -> positive amount, ``labels`` name -> text."""
+    if spec is None:
+        return {}
+    if not isinstance(spec, dict) or set(spec) - {"resources", "labels", "placed_on"}:
+        raise TopologyError(f"{where}.ray must be a mapping with 'resources' and/or 'labels', "
+                            "e.g. {resources: {region_eu: 1}, labels: {region: eu}}")
+    resources, labels = spec.get("resources") or {}, spec.get("labels") or {}
+    if not isinstance(resources, dict) or not isinstance(labels, dict):
+        raise TopologyError(f"{where}.ray.resources and .labels must be mappings")
+    for name, amount in resources.items():
+        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount <= 0:
+            raise TopologyError(f"{where}.ray.resources.{name}={amount!r} must be a positive number")
+    out: Dict[str, Any] = {}
+    if resources:
+        out["resources"] = {str(k): float(v) for k, v in resources.items()}
+    if labels:
+        out["labels"] = {str(k): str(v) for k, v in labels.items()}
+    if spec.get("placed_on"):
+        out["placed_on"] = dict(spec["placed_on"])
+    return out
 
 
 def generate_nodes(region_names: Sequence[str], gen: Dict[str, Any], origin: str = "topology") -> List[Node]:

@@ -77,3 +77,23 @@ def test_unknown_region_and_duplicate_node(tmp_path):
         Topology.from_yaml(_write(tmp_path, head + "  - {name: n0, region: zz}\n"))
     with pytest.raises(TopologyError, match="duplicate node name 'n0'"):
         Topology.from_yaml(_write(tmp_path, head + "  - {name: n0, region: a}\n  - {name: n0, region: a}\n"))
+
+
+def test_ray_pins_parse_round_trip_and_bad_ones_are_named(tmp_path):
+    doc = {"regions": {"names": ["eu"], "latency_ms": [[1]], "bandwidth_gbps": [[10]]},
+           "nodes": [{"name": "n0", "region": "eu", "ray": {"resources": {"region_eu": 1}, "labels": {"zone": "a"}}},
+                     {"name": "n1", "region": "eu"}]}
+    topo = Topology.from_dict(doc)
+    assert topo.nodes[0].ray == {"resources": {"region_eu": 1.0}, "labels": {"zone": "a"}}
+    assert topo.nodes[1].ray == {}
+    topo.save(tmp_path / "t.yaml")
+    again = Topology.from_yaml(tmp_path / "t.yaml")
+    assert [n.ray for n in again.nodes] == [n.ray for n in topo.nodes]
+    assert "ray" not in again.to_dict()["nodes"][1]  # unpinned nodes keep the plain shape
+    for bad, match in [({"resources": {"region_eu": 0}}, r"nodes\[0\]\.ray\.resources\.region_eu=0"),
+                       ({"resources": {"gpu_kind": "h100"}}, "must be a positive number"),
+                       ({"zone": "a"}, r"nodes\[0\]\.ray must be a mapping"),
+                       ({"labels": ["a"]}, "must be mappings")]:
+        doc["nodes"][0]["ray"] = bad
+        with pytest.raises(TopologyError, match=match):
+            Topology.from_dict(doc)

@@ -14,6 +14,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -92,8 +93,11 @@ class InProcessExecutor:
             entries.append({"file": f"stage{k}.pt", "node": nodes[0], "tensors": tensor_digests(tensors)})
         return entries
 
-    def step(self, plan: Plan, step: int, lr: float, data, checkpoint: Optional[dict] = None) -> StepOutcome:
+    def step(self, plan: Plan, step: int, lr: float, data, checkpoint: Optional[dict] = None,
+             meanwhile: Optional[Callable[[Plan], None]] = None) -> StepOutcome:
         cfg = self.cfg
+        if meanwhile is not None:
+            meanwhile(plan)
         written = self._checkpoint(checkpoint)
         mbs = [data.microbatch(cfg.run.seed, step, r.id, cfg.train.samples_per_microbatch,
                                self.reference.spec.seq_len) for r in plan.microbatches]
@@ -164,9 +168,13 @@ def measured_stats(outcome: StepOutcome, plan: Plan, iter_s: float) -> Dict[str,
 
 
 class Coordinator:
-    def __init__(self, cfg: Config, make_executor: Callable[..., Any]):
+    def __init__(self, cfg: Config, make_executor: Callable[..., Any],
+                 placement: Optional[Dict[str, Dict[str, str]]] = None):
+        """``placement``: the machine each node runs on (``launcher=ray``: node -> Ray node id and IP),
+        recorded in the run's topology.yaml as ``ray.placed_on``."""
         self.cfg = cfg
         self.make_executor = make_executor
+        self.placement = placement or {}
 
     def run(self) -> Dict[str, Any]:
         """Train ``train.steps`` steps; returns the final summary (also the last metrics line)."""
@@ -187,6 +195,9 @@ class Coordinator:
         planner = Planner(cfg, spec)
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out / "config.yaml", to_yaml(cfg))
+        for node in planner.topology.nodes:
+            if node.name in self.placement:
+                node.ray = {**node.ray, "placed_on": dict(self.placement[node.name])}
         planner.topology.save(out / "topology.yaml")  # the run's own copy; nodes that join are added
         executor = self.make_executor(spec, len(planner.allocation))
         executor.start([n.name for n in planner.topology.nodes], data.vocab_size)
@@ -246,39 +257,50 @@ class Coordinator:
         self.predictor = Predictor()
         generation = 0
         checkpoint = None  # a checkpoint of the last step's state, written with the next command
-        cpu_mark = time.process_time()  # this process's CPU per step goes to routes.jsonl (benchmarks)
-        for step in range(self.first_step, cfg.train.steps):
-            t0 = time.perf_counter()
-            lr = lr_at(step, cfg.train)
-            plan, outcome = monitor.execute(planner, executor, step, lr, data, checkpoint)  # redone on failure
-            self._record(step, plan, outcome, executor, checkpoint)
-            checkpoint = ({"step": step, "dir": str(recorder.temp_dir(step))}
-                          if recorder.checkpoint_due(step) else None)
-            iter_s = time.perf_counter() - t0
-            step_tokens = len(plan.microbatches) * samples * spec.seq_len
-            tokens += step_tokens
-            predicted = self.predictor.predict(planner.cost, plan)  # from what was measured before this step
-            # the first step of a run or generation also pays process-group setup and cold caches
-            warm = step > self.first_step and monitor.generation == generation
-            generation = monitor.generation
-            self.predictor.observe(planner.cost, outcome.node_reports, plan, iter_s, warm)
-            monitor.after_step(planner, outcome, plan, step, warm)
-            record = {"step": step, "loss/train": outcome.loss, "lr": lr, "grad_norm": outcome.grad_norm,
-                      "time/iter_s": iter_s, "time/predicted_iter_s": predicted,
-                      "time/planned_iter_s": plan.predicted_makespan_s,
-                      "time/plan_s": planner.last_plan_s, "throughput/tokens_per_s": step_tokens / iter_s,
-                      **route_stats(plan), **measured_stats(outcome, plan, iter_s),
-                      **cluster_stats(planner, plan, monitor.generation, monitor.reroutes, chain=recorder.chain),
-                      **monitor.metrics(),
-                      **({"control/rejected": executor.rejected()} if hasattr(executor, "rejected") else {})}
-            metrics.log(record)
-            if outcome.rebuilt:
-                plan = replace(plan, extra={**plan.extra, "rebuilt": outcome.rebuilt})
-            cpu_now = time.process_time()
-            routes.record(step, plan, generation=monitor.generation, timings=step_timings(outcome) or None,
-                          iter_s=iter_s, warm=warm, coordinator_cpu_s=cpu_now - cpu_mark)
-            cpu_mark = cpu_now
-            bar.update(record)
+        self._cpu_mark = time.process_time()  # this process's CPU per step goes to routes.jsonl (benchmarks)
+        pending: List[Callable[[], None]] = []  # the last step's logging, done while the next step runs
+        predicted: Dict[str, Optional[float]] = {}
+
+        def meanwhile(running: Plan) -> None:
+            """Called once the step's command is out (each attempt): the coordinator would only wait,
+            so it writes the last step's metrics and routes now, and predicts this step from what was
+            measured before it (off the critical path between a step's reports and the next command)."""
+            while pending:
+                pending.pop(0)()
+            predicted["s"] = self.predictor.predict(planner.cost, running)
+
+        try:
+            for step in range(self.first_step, cfg.train.steps):
+                t0 = time.perf_counter()
+                lr = lr_at(step, cfg.train)
+                plan, outcome = monitor.execute(planner, executor, step, lr, data, checkpoint,  # redone on failure
+                                                meanwhile=meanwhile)
+                self._record(step, plan, outcome, executor, checkpoint)
+                checkpoint = ({"step": step, "dir": str(recorder.temp_dir(step))}
+                              if recorder.checkpoint_due(step) else None)
+                iter_s = time.perf_counter() - t0
+                step_tokens = len(plan.microbatches) * samples * spec.seq_len
+                tokens += step_tokens
+                # the first step of a run or generation also pays process-group setup and cold caches
+                warm = step > self.first_step and monitor.generation == generation
+                generation = monitor.generation
+                self.predictor.observe(planner.cost, outcome.node_reports, plan, iter_s, warm)
+                monitor.after_step(planner, outcome, plan, step, warm)
+                record = {"step": step, "loss/train": outcome.loss, "lr": lr, "grad_norm": outcome.grad_norm,
+                          "time/iter_s": iter_s, "time/predicted_iter_s": predicted.pop("s", None),
+                          "time/planned_iter_s": plan.predicted_makespan_s,
+                          "time/plan_s": planner.last_plan_s, "throughput/tokens_per_s": step_tokens / iter_s,
+                          **route_stats(plan), **measured_stats(outcome, plan, iter_s),
+                          **cluster_stats(planner, plan, monitor.generation, monitor.reroutes, chain=recorder.chain),
+                          **monitor.metrics(),
+                          **({"control/rejected": executor.rejected()} if hasattr(executor, "rejected") else {})}
+                if outcome.rebuilt:
+                    plan = replace(plan, extra={**plan.extra, "rebuilt": outcome.rebuilt})
+                pending.append(partial(self._log_step, metrics, routes, bar, record, plan, outcome,
+                                       monitor.generation, warm))
+        finally:  # the last step's line (also when a step failed for good)
+            while pending:
+                pending.pop(0)()
         bar.close()
         stages, final_reports, written = executor.finish(out, checkpoint)
         recorder.add_state(final_reports)
@@ -307,6 +329,16 @@ class Coordinator:
         metrics.log_run_outputs(out, step=cfg.train.steps)  # plots/*.png, checkpoint manifests (wandb)
         return summary
 
+
+    def _log_step(self, metrics, routes, bar, record: Dict[str, Any], plan: Plan, outcome: StepOutcome,
+                  generation: int, warm: bool) -> None:
+        """One step's metrics line, route log entry (with this process's CPU since the last) and progress."""
+        metrics.log(record)
+        cpu_now = time.process_time()
+        routes.record(record["step"], plan, generation=generation, timings=step_timings(outcome) or None,
+                      iter_s=record["time/iter_s"], warm=warm, coordinator_cpu_s=cpu_now - self._cpu_mark)
+        self._cpu_mark = cpu_now
+        bar.update(record)
 
     def _record(self, step: int, plan: Plan, outcome: StepOutcome, executor, checkpoint: Optional[dict]) -> None:
         """Ledger leaves of this step (and the deferred state of the last), and the checkpoint the

@@ -23,6 +23,7 @@ from skippipe.runtime.remote import NodeFailure
 log = logging.getLogger("skippipe")
 
 MAX_REDOS_PER_STEP = 5
+MAX_REPLACE_TRIES = 3  # further starts of a replacement whose worker died before it could join
 SLOW_STEPS = 3
 
 
@@ -40,6 +41,7 @@ class FaultMonitor:
         self.events: List[Dict[str, Any]] = []
         self.last_recovery: Dict[str, float] = {}  # times of the last step's recovery, for metrics
         self.requests: Dict[str, int] = {}  # node asked to join -> its request id, until it joins
+        self._replace_tries: Dict[str, int] = {}  # node -> replacements started again after failing to join
         # slow nodes that get no work are never measured again: after fault.probe_after steps without
         # work one is costed as typical and re-planned (probation); found slow again, it waits twice
         # as long before the next try
@@ -58,15 +60,17 @@ class FaultMonitor:
         planner.invalidate()
         self.replans += 1
 
-    def execute(self, planner, executor, step: int, lr: float, data, checkpoint=None) -> Tuple[Plan, Any]:
-        """Run ``step``; on a node failure re-plan without the failed nodes and redo it."""
+    def execute(self, planner, executor, step: int, lr: float, data, checkpoint=None,
+                meanwhile=None) -> Tuple[Plan, Any]:
+        """Run ``step``; on a node failure re-plan without the failed nodes and redo it. ``meanwhile``
+        (plan) runs on each attempt while the workers compute (``executor.step``)."""
         self.last_recovery: Dict[str, float] = {}
         for attempt in range(MAX_REDOS_PER_STEP + 1):
             self.before_step(planner, executor, step)
             plan = planner.plan(step)
             started = time.time()
             try:
-                outcome = executor.step(plan, step, lr, data, checkpoint)
+                outcome = executor.step(plan, step, lr, data, checkpoint, meanwhile=meanwhile)
             except NodeFailure as failure:
                 if attempt == MAX_REDOS_PER_STEP:
                     raise RunFailed(f"step {step} failed {attempt + 1} times; last: {failure}") from None
@@ -106,11 +110,20 @@ class FaultMonitor:
         for request in executor.join_requests():
             self._add_node(planner, executor, step, request)
         joined = executor.admit(planner.allocation, self.cfg.fault.rebuild)
-        for node, reason in executor.failed_joins.items():
+        for node, reason in sorted(executor.failed_joins.items()):
             if node in self.requests:
                 executor.answer_join(self.requests.pop(node), "rejected", reason=reason)
+            elif self.cfg.fault.replace and self._replace_tries.get(node, 0) < MAX_REPLACE_TRIES:
+                # e.g. placed on a machine that was lost but not yet known to be (Ray marks a node
+                # dead only after missed health checks): try again, away from where it died
+                self._replace_tries[node] = self._replace_tries.get(node, 0) + 1
+                log.warning("step %d: the replacement for %s failed before joining (%s); starting another "
+                            "(try %d of %d)", step, node, reason, self._replace_tries[node] + 1, MAX_REPLACE_TRIES + 1)
+                executor.start_replacement(node, away_from_last=True)
         executor.failed_joins.clear()
         if joined:
+            for node in joined:
+                self._replace_tries.pop(node, None)
             self.generation = executor.generation
             self.dead -= set(joined)
             planner.state.dead = set(self.dead)
@@ -131,7 +144,9 @@ class FaultMonitor:
         try:
             if spec["name"] in planner.topology:
                 raise UserError(f"a node named '{spec['name']}' is already in the run; give the new node another name")
-            node = Node(spec["name"], spec["region"], spec["speed"], spec["memory_gb"])
+            placed = {"placed_on": {"node_id": spec["ray_node_id"], "node_ip": spec.get("node_ip") or ""}} \
+                if spec.get("ray_node_id") else {}  # ray.autojoin: the Ray node it came with
+            node = Node(spec["name"], spec["region"], spec["speed"], spec["memory_gb"], placed)
             stage = planner.add_node(node, spec.get("stage"))
         except UserError as err:
             log.warning("step %d: rejected a request to add node %s: %s", step, spec.get("name"), err)

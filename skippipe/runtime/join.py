@@ -84,7 +84,13 @@ def open_mailbox(run_name: str):
     else:
         raise UserError(f"run.name={run_name}: a run with this name is already training on this Ray cluster "
                         f"(actor {name} in namespace {NAMESPACE}); give this run another run.name")
-    return ray.remote(num_cpus=0)(JoinMailbox).options(name=name, namespace=NAMESPACE).remote()
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    # on the driver's own machine: it lives as long as the driver, and the loss of another machine
+    # must not take the run's mailbox with it
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(num_cpus=0)(JoinMailbox).options(name=name, namespace=NAMESPACE,
+                                                       scheduling_strategy=here).remote()
 
 
 def close_mailbox(mailbox, run_name: str, timeout_s: float = 10.0) -> None:

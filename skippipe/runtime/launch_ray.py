@@ -3,9 +3,13 @@
 Each actor gets exactly the torchrun environment contract (RANK, WORLD_SIZE, LOCAL_RANK,
 MASTER_ADDR, MASTER_PORT, plus SKIPPIPE_NODE), as in verl/OpenRLHF, so one worker serves every
 launcher. The driver hosts the control store and runs the coordinator. Placement: one bundle per
-node, ``PACK`` on one box, ``SPREAD`` across machines, GPU bundles with ``ray.use_gpu``. A dead
-actor (``ray.kill``, a crashed process, a lost machine) is seen through its ``run`` call failing; with
-``fault.replace=true`` a new actor takes the dead one's bundle and name. Nodes can be added to the
+node, ``PACK`` on one box, ``SPREAD`` across machines, GPU bundles with ``ray.use_gpu``; a topology
+node's ``ray: {resources, labels}`` pins its bundle to the Ray nodes that have them (a region's
+machines), and the run logs and records (``topology.yaml``: ``ray.placed_on``) which Ray node holds
+which topology node. A dead actor (``ray.kill``, a crashed process, a lost machine) is seen through
+its ``run`` call failing; with ``fault.replace=true`` a new actor takes the dead one's bundle and
+name, or, when that bundle's machine is gone, a bundle of its own on a surviving machine (one with
+the node's resources and labels if any has room, else any). Nodes can be added to the
 running job (``skippipe join``, :mod:`skippipe.runtime.join`): each gets a placement group of its
 own, so the job's group stays as it was.
 
@@ -18,13 +22,22 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from skippipe.config import Config
 from skippipe.errors import UserError
 
 log = logging.getLogger("skippipe")
+NODE_ID_LABEL = "ray.io/node-id"  # a label every Ray node carries (its id)
+
+
+def _here() -> str:
+    """A liveness probe: runs on the Ray node it is pinned to."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
 
 
 class WorkerActor:
@@ -53,31 +66,56 @@ class WorkerActor:
 class RayLauncher:
     """Creates, watches, replaces and removes the worker actors."""
 
-    def __init__(self, cfg: Config, nodes: List[str], addr: str, port: int, secret: str):
+    def __init__(self, cfg: Config, nodes: List[Any], addr: str, port: int, secret: str):
+        """``nodes``: the topology's :class:`~skippipe.topology.Node` entries (their ``ray`` pins)."""
         import ray
         from ray.util.placement_group import placement_group, remove_placement_group
 
-        self.cfg, self.nodes, self.addr, self.port = cfg, list(nodes), addr, port
+        self.cfg, self.nodes, self.addr, self.port = cfg, [n.name for n in nodes], addr, port
+        self.pins: Dict[str, Dict[str, Any]] = {n.name: n.ray for n in nodes}  # resources, labels
         self.secret = secret  # the control channel's key, handed to each actor's environment
         self.cpus = worker_cpus(cfg, len(nodes), ray.available_resources())
         bundle = {"CPU": self.cpus}
         if cfg.ray.use_gpu:
             bundle["GPU"] = 1
         self.bundle = bundle
-        self.pg = placement_group([dict(bundle) for _ in nodes], strategy=cfg.ray.placement_strategy)
+        check_pins(self.pins, ray.nodes())
+        bundles = [self._bundle(name) for name in self.nodes]
+        selectors = [dict(self.pins[name].get("labels", {})) for name in self.nodes]
+        self.pg = placement_group(bundles, strategy=cfg.ray.placement_strategy,
+                                  **({"bundle_label_selector": selectors} if any(selectors) else {}))
         try:
             ray.get(self.pg.ready(), timeout=cfg.runtime.timeout_s * 4)
         except ray.exceptions.GetTimeoutError:
             remove_placement_group(self.pg)
+            pinned = "; nodes pinned by ray.resources/labels need a Ray node with them" if any(self.pins.values()) else ""
             raise UserError(f"the Ray cluster did not place {len(nodes)} workers x {bundle} within "
                             f"{cfg.runtime.timeout_s * 4:.0f} s (strategy {cfg.ray.placement_strategy}); "
-                            f"lower ray.num_cpus_per_worker or add machines") from None
-        self.bundle_of: Dict[str, Any] = {node: (self.pg, i) for i, node in enumerate(nodes)}
+                            f"lower ray.num_cpus_per_worker or add machines{pinned}") from None
+        self.bundle_of: Dict[str, Any] = {node: (self.pg, i) for i, node in enumerate(self.nodes)}
         self.extra_pgs: List[Any] = []
+        self.placement: Dict[str, Dict[str, str]] = {}  # topology node -> {node_id, node_ip} of its Ray node
+        self._record_placement(self.pg, self.nodes)
+        self.seen_ray_nodes = {n["NodeID"] for n in ray.nodes()}
+        self._probed: Dict[str, Any] = {}  # Ray node id -> (when, responded) of the last liveness probe  # ray.autojoin admits Ray nodes not among them
         self.actor_cls = ray.remote(WorkerActor)
         self.actors: Dict[str, Any] = {}
         self.runs: Dict[str, Any] = {}
         self.mailbox = None
+
+    def _bundle(self, node: str) -> Dict[str, float]:
+        return {**self.bundle, **self.pins.get(node, {}).get("resources", {})}
+
+    def _record_placement(self, pg, names: List[str]) -> None:
+        """Which Ray node got each bundle of ``pg`` (``names`` in bundle order); logged."""
+        import ray
+        from ray.util.placement_group import placement_group_table
+
+        ips = {n["NodeID"]: n.get("NodeManagerAddress", "") for n in ray.nodes()}
+        on = placement_group_table(pg).get("bundles_to_node_id", {})
+        placed = {name: {"node_id": on[i], "node_ip": ips.get(on[i], "")} for i, name in enumerate(names) if i in on}
+        self.placement.update(placed)
+        log.info("ray placement: %s", ", ".join(f"{n} -> {p['node_id'][:8]} ({p['node_ip']})" for n, p in placed.items()))
 
     def _env(self, node: str, incarnation: int) -> Dict[str, str]:
         rank = self.nodes.index(node)
@@ -111,24 +149,61 @@ class RayLauncher:
         self.mailbox = open_mailbox(self.cfg.run.name)
 
     def join_requests(self) -> List[Dict[str, Any]]:
+        """The mailbox's new requests; with ``ray.autojoin``, first one per Ray node that joined the
+        cluster since the last call (through the mailbox, so it is answered like ``skippipe join``)."""
         import ray
 
-        return ray.get(self.mailbox.take.remote()) if self.mailbox is not None else []
+        if self.mailbox is None:
+            return []
+        if self.cfg.ray.autojoin:
+            for spec in self._new_ray_nodes():
+                log.warning("ray.autojoin: Ray node %s (%s) joined the cluster; asking to add it as node %s "
+                            "(region %s)", spec["ray_node_id"][:8], spec["node_ip"], spec["name"], spec["region"])
+                self.mailbox.request.remote(spec)  # the same caller's calls run in order: taken below
+        return ray.get(self.mailbox.take.remote())
+
+    def _new_ray_nodes(self) -> List[Dict[str, Any]]:
+        """Join requests (``ray.join_template``) for the live Ray nodes not seen before."""
+        import ray
+
+        from skippipe.runtime.join import node_spec
+
+        template, out = self.cfg.ray.join_template, []
+        for info in ray.nodes():
+            node_id = info["NodeID"]
+            if not info.get("Alive") or node_id in self.seen_ray_nodes:
+                continue
+            self.seen_ray_nodes.add(node_id)
+            region = template.region
+            if region == "from-label":
+                region = info.get("Labels", {}).get(template.region_label)
+                if region is None:
+                    log.warning("ray.autojoin: Ray node %s has no label '%s' (ray.join_template.region_label); "
+                                "not added", node_id[:8], template.region_label)
+                    continue
+            stage = None if str(template.stage) == "auto" else int(template.stage)
+            spec = node_spec(f"{template.name_prefix}-{node_id[:6]}", region, template.speed, template.memory_gb,
+                             stage, node_ip=info.get("NodeManagerAddress"))
+            out.append({**spec, "ray_node_id": node_id})
+        return out
 
     def answer(self, request_id: int, status: str, **info) -> None:
         if self.mailbox is not None:
             self.mailbox.update.remote(request_id, status, **info)
 
-    def add(self, node: str, node_ip: str = None) -> None:
+    def add(self, node: str, spec: Dict[str, Any]) -> None:
         """Start a worker for a node that was not in the topology, in a placement group of its own
-        (pinned to the Ray node with IP ``node_ip`` if given). Returns at once: the actor starts
-        when the cluster has room, and the worker joins once it reports ready."""
+        (pinned to the Ray node ``spec['ray_node_id']``, else to one with IP ``spec['node_ip']``, if
+        given). Returns at once: the actor starts when the cluster has room, and the worker joins
+        once it reports ready."""
         from ray.util.placement_group import placement_group
 
-        bundle = dict(self.bundle)
-        if node_ip:
-            bundle[f"node:{node_ip}"] = 0.001
-        pg = placement_group([bundle], strategy="PACK")
+        bundle, selector = dict(self.bundle), {}
+        if spec.get("ray_node_id"):
+            selector = {"bundle_label_selector": [{NODE_ID_LABEL: spec["ray_node_id"]}]}
+        elif spec.get("node_ip"):
+            bundle[f"node:{spec['node_ip']}"] = 0.001
+        pg = placement_group([bundle], strategy="PACK", **selector)
         self.extra_pgs.append(pg)
         self.nodes.append(node)
         self.bundle_of[node] = (pg, 0)
@@ -150,9 +225,59 @@ class RayLauncher:
                     out[node] = -9
         return out
 
-    def replace(self, node: str, incarnation: int) -> None:
+    def replace(self, node: str, incarnation: int, away_from_last: bool = False) -> None:
+        """A new actor for ``node``: in its old bundle while that bundle's Ray node is alive, else
+        (or with ``away_from_last``: the last replacement died there before joining, e.g. on a machine
+        Ray has not yet marked dead) in a bundle of its own on another Ray node, one with the node's
+        pins if any has room, else any."""
+        import ray
+        from ray.util.placement_group import placement_group
+
         self.kill(node)
+        last = self.placement.get(node, {}).get("node_id")
+        others = [n for n in ray.nodes() if n.get("Alive") and n["NodeID"] != last]
+        if away_from_last or not self._responds(last):
+            pins = self.pins.get(node, {})
+            if pins and not can_hold(pins, self._bundle(node), others):
+                log.warning("replacement for %s: no other Ray node has its ray.resources/labels %s; "
+                            "placing it on any node with room", node, pins)
+                pins = {}
+            bundle = {**self.bundle, **pins.get("resources", {})}
+            selector = dict(pins.get("labels", {}))
+            if last:
+                selector[NODE_ID_LABEL] = f"!{last}"  # not where the last one died
+            pg = placement_group([bundle], strategy="PACK",
+                                 **({"bundle_label_selector": [selector]} if selector else {}))
+            self.extra_pgs.append(pg)
+            self.bundle_of[node] = (pg, 0)
+            ready, _ = ray.wait([pg.ready()], timeout=10.0)  # the run goes on meanwhile; the actor waits for it
+            if ready:
+                self._record_placement(pg, [node])
         self._spawn(node, incarnation)
+
+    def _responds(self, ray_node: Optional[str], timeout_s: float = 5.0) -> bool:
+        """Whether a Ray node runs a task now: Ray marks a lost machine dead only after missed health
+        checks (tens of seconds), and an actor placed there meanwhile would wait for ever. One probe
+        per Ray node and failure (a few seconds at most; cached for 30 s)."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        if ray_node is None:
+            return False
+        if ray_node not in {n["NodeID"] for n in ray.nodes() if n.get("Alive")}:
+            return False
+        seen = self._probed.get(ray_node)
+        if seen is not None and time.monotonic() - seen[0] < 30.0:
+            return seen[1]
+        probe = ray.remote(num_cpus=0, max_retries=0)(_here).options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(ray_node, soft=False)).remote()
+        ready, _ = ray.wait([probe], timeout=timeout_s)
+        alive = bool(ready)
+        if not alive:
+            ray.cancel(probe, force=True)
+            log.warning("Ray node %s runs no task within %.0f s: taken as lost", ray_node[:8], timeout_s)
+        self._probed[ray_node] = (time.monotonic(), alive)
+        return alive
 
     def kill(self, node: str) -> None:
         import ray
@@ -180,6 +305,33 @@ class RayLauncher:
 
             close_mailbox(self.mailbox, self.cfg.run.name)
             self.mailbox = None
+
+
+def check_pins(pins: Dict[str, Dict[str, Any]], ray_nodes: List[Dict[str, Any]]) -> None:
+    """Fail at once, naming the node and the pin, when no live Ray node has a pinned resource or label
+    (a placement group would otherwise wait ``runtime.timeout_s * 4`` and then fail vaguely)."""
+    alive = [n for n in ray_nodes if n.get("Alive")]
+    for name, pin in sorted(pins.items()):
+        for res in pin.get("resources", {}):
+            if not any(n.get("Resources", {}).get(res, 0) > 0 for n in alive):
+                raise UserError(f"topology node '{name}': ray.resources.{res}: no Ray node in the cluster has "
+                                f"resource '{res}'; start one with ray start --resources='{{\"{res}\": 4}}' "
+                                "or remove the pin")
+        for key, value in pin.get("labels", {}).items():
+            if not any(n.get("Labels", {}).get(key) == value for n in alive):
+                raise UserError(f"topology node '{name}': ray.labels.{key}={value}: no Ray node in the cluster has "
+                                f"that label; start one with ray start --labels='{{\"{key}\": \"{value}\"}}' "
+                                "or remove the pin")
+
+
+def can_hold(pins: Dict[str, Any], bundle: Dict[str, float], alive: List[Dict[str, Any]]) -> bool:
+    """Whether some live Ray node has the pinned labels and the bundle's resources in total."""
+    for node in alive:
+        labels, resources = node.get("Labels", {}), node.get("Resources", {})
+        if all(labels.get(k) == v for k, v in pins.get("labels", {}).items()) and \
+                all(resources.get(r, 0) >= amount for r, amount in bundle.items()):
+            return True
+    return False
 
 
 def connect_ray(cfg: Config) -> None:
@@ -271,12 +423,13 @@ def train_ray(cfg: Config) -> Dict[str, Any]:
     store = connect_store(addr, cfg.runtime.master_port or 0, True, cfg.runtime.timeout_s)
     secret = new_secret()
     control = ControlChannel(store, cfg.runtime.timeout_s, secret=secret)
-    nodes = load_topology(cfg).names()
+    nodes = load_topology(cfg).nodes
     launcher = RayLauncher(cfg, nodes, addr, store.port, secret)
     train_ray.last_launcher = launcher  # tests reach the actors through this
     try:
         launcher.open_mailbox()
         launcher.start()
-        return Coordinator(cfg, lambda spec, num_stages: RemoteExecutor(cfg, control, len(nodes), launcher)).run()
+        return Coordinator(cfg, lambda spec, num_stages: RemoteExecutor(cfg, control, len(nodes), launcher),
+                           placement=launcher.placement).run()
     finally:
         launcher.stop()

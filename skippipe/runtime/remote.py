@@ -18,7 +18,7 @@ import threading
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Set
+from typing import Any, Callable, Dict, List, Optional, Set
 
 from skippipe.config import Config, to_dict
 from skippipe.errors import RunFailed, UserError
@@ -124,7 +124,10 @@ class RemoteExecutor:
         """Workers load their stage from this checkpoint directory with the first command."""
         self.load_dir = str(directory)
 
-    def step(self, plan: Plan, step: int, lr: float, data=None, checkpoint: Optional[dict] = None):
+    def step(self, plan: Plan, step: int, lr: float, data=None, checkpoint: Optional[dict] = None,
+             meanwhile: Optional[Callable[[Plan], None]] = None):
+        """Send the step's command, run ``meanwhile(plan)`` (the coordinator's own work, while the
+        workers compute), gather the reports."""
         from skippipe.runtime.coordinator import StepOutcome
 
         index = self.command_index
@@ -137,6 +140,8 @@ class RemoteExecutor:
                                      "checkpoint": checkpoint, "load": getattr(self, "load_dir", None),
                                      "added": self.added})
         self.command_index += 1
+        if meanwhile is not None:
+            meanwhile(plan)
         reports, dead = self._gather(index)
         self.carried_states.update({n: r["state"] for n, r in reports.items() if r.get("state")})
         self._raise_on_failure(reports, dead)
@@ -247,12 +252,14 @@ class RemoteExecutor:
         self.generation += 1
         self.sync = {}
 
-    def start_replacement(self, node: str) -> None:
-        """Start a new process for a dead node; it joins once it reports ready (:meth:`admit`)."""
+    def start_replacement(self, node: str, away_from_last: bool = False) -> None:
+        """Start a new process for a dead node; it joins once it reports ready (:meth:`admit`).
+        ``away_from_last``: the last one died before joining; the launcher places this one elsewhere
+        if it can."""
         if self.launcher is None:
             return
         self.incarnation[node] = self.incarnation.get(node, 0) + 1
-        self.launcher.replace(node, self.incarnation[node])
+        self.launcher.replace(node, self.incarnation[node], away_from_last)
         self.joining[node] = self.incarnation[node]
 
     def join_requests(self) -> List[Dict[str, Any]]:
@@ -269,7 +276,7 @@ class RemoteExecutor:
         self.nodes.append(node)
         self.added.append(dict(spec))
         self.incarnation[node] = 0
-        self.launcher.add(node, spec.get("node_ip"))
+        self.launcher.add(node, spec)
         self.joining[node] = 0
 
     def admit(self, allocation: List[List[str]], rebuild: str) -> List[str]:
