@@ -49,7 +49,8 @@ class LocalLauncher:
     def exited(self) -> Dict[str, int]:
         return {node: p.returncode for node, p in self.procs.items() if p.poll() is not None}
 
-    def replace(self, node: str, incarnation: int) -> None:
+    def replace(self, node: str, incarnation: int, away_from_last: bool = False) -> None:
+        """A new worker process for ``node`` (one machine: ``away_from_last`` has nowhere else to go)."""
         self.kill(node)
         self._spawn(node, incarnation)
 
