@@ -12,6 +12,9 @@ side by side in one invocation:
    (``fault.slow_threshold`` set out of reach).
 3. Join: on a local Ray cluster, a node that is not in the topology is added to the running job
    (``skippipe join``'s code path): time to be accepted and to join, and the work it then takes.
+4. Machines (``--only machine`` alone): on a head and two raylets, a whole machine is lost and
+   another joins (``examples/ray_multinode/demo.py``); per seed, the failed step's start to the
+   redone step's end, and the joining machine to its first microbatch.
 
 Prints a table and writes bench/results/fault_bench.json (machine, configs, numbers).
 
@@ -145,6 +148,38 @@ def join(tmp: Path, steps: int) -> dict:
             "steps_after_join": len(after)}
 
 
+def machine(tmp: Path, seeds) -> dict:
+    """Ray across machines (examples/ray_multinode): a head and two raylets on 127.0.0.1; the machine
+    whose loss leaves an originator is lost after step 3 (its raylet and every process on it) and a
+    new machine of its region joins after step 11 (``ray.autojoin``). Per seed (``run.seed``: other
+    data, model and allocation): seconds from the failed step's start to the redone step's end, and
+    from the machine joining to its first microbatch. Median and worst over the seeds."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ray_multinode_demo", REPO / "examples/ray_multinode/demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    runs = [demo.scenario(tmp / f"machine{seed}", [f"run.seed={seed}"]) for seed in seeds]
+    recovered = [max(m["fault/recovered_s"] for m in r["recovery"]) for r in runs if r["recovery"]]
+    joined = [r["join_to_first_microbatch_s"] for r in runs if r["join_to_first_microbatch_s"] is not None]
+    return {"seeds": list(seeds), "runs": runs,
+            "recovered_s": {"median": statistics.median(recovered), "worst": max(recovered)} if recovered else None,
+            "join_to_first_microbatch_s": {"median": statistics.median(joined), "worst": max(joined),
+                                           "joined": len(joined)} if joined else None,
+            "all_steps": all(r["steps"] == 30 for r in runs)}
+
+
+def machine_rows(result: dict) -> list:
+    rec, join_ = result["recovered_s"], result["join_to_first_microbatch_s"]
+    n = len(result["runs"])
+    return [("machine lost (Ray): failed step -> redone step done",
+             f"{rec['median']:.1f} / {rec['worst']:.1f} s" if rec else "none", "< 15 s (median / worst)"),
+            ("machine joins (Ray): -> its first microbatch",
+             f"{join_['median']:.1f} / {join_['worst']:.1f} s" if join_ else "never", f"{n}/{n} joined"
+             if join_ and join_["joined"] == n else "-"),
+            ("machine runs: every step once", str(result["all_steps"]), "True")]
+
+
 def _run_or_record(fn, cfg, errors) -> None:
     try:
         fn(cfg)
@@ -164,13 +199,27 @@ def slow_rows(label: str, counted: str, result: dict) -> list:
 def main_bench() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps (a smoke run)")
+    parser.add_argument("--only", choices=("machine",), help="run one part; the JSON keeps the others")
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2], help="seeds of the machine part")
     args = parser.parse_args()
     steps = 8 if args.quick else 30
+    out = REPO / "bench" / "results" / "fault_bench.json"
+    if args.only == "machine":
+        with tempfile.TemporaryDirectory() as tmp:
+            result = machine(Path(tmp), args.seeds[:1] if args.quick else args.seeds)
+        for name, value, target in machine_rows(result):
+            print(f"{name:<52}  {value:>16}  {target}")
+        report = json.loads(out.read_text()) if out.is_file() else {}
+        report["machines"] = result
+        out.write_text(json.dumps(report, indent=1))
+        print(f"wrote {out}")
+        return
     with tempfile.TemporaryDirectory() as tmp:
         rec = recovery(Path(tmp), steps, kill_step=3 if args.quick else 10)
         slow = slow_node(Path(tmp), steps, warmup=4 if args.quick else 8, factor=5.0, stage=1)
         slow0 = slow_node(Path(tmp), steps, warmup=4 if args.quick else 8, factor=5.0, stage=0)
         joined = join(Path(tmp), steps=30 if args.quick else 60)
+        lost = machine(Path(tmp), args.seeds[:1] if args.quick else args.seeds)
     rows = [
         ("time to detect the killed worker", f"{rec['detect_s']:.2f} s", "-"),
         ("time to rebuild (generation + plan)", f"{rec['rebuild_s']:.2f} s", "-"),
@@ -186,19 +235,19 @@ def main_bench() -> None:
         ("join (Ray): join step iter / median iter", f"{joined['join_step_iter_s']:.2f} / {joined['median_iter_s']:.2f} s", "-"),
         ("join (Ray): microbatches via new node", f"{joined['microbatches_through_new_node']} in "
          f"{joined['steps_after_join']} steps", "> 0"),
+        *machine_rows(lost),
     ]
     width = max(len(r[0]) for r in rows)
     print(f"{'measure':<{width}}  {'value':>22}  target")
     for name, value, target in rows:
         print(f"{name:<{width}}  {value:>22}  {target}")
-    out = REPO / "bench" / "results" / "fault_bench.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": {"python": platform.python_version(), "platform": platform.platform(),
                                            "cpus": os.cpu_count()},
                                "config": {"file": "configs/tiny.yaml", "steps": steps, "launcher": "local",
                                           "quick": args.quick},
                                "recovery": rec, "slow_node": slow, "slow_originator": slow0,
-                               "join": joined}, indent=1))
+                               "join": joined, "machines": lost}, indent=1))
     print(f"wrote {out}")
 
 

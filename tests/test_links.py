@@ -160,3 +160,27 @@ def test_a_probe_routes_a_microbatch_over_the_link_the_router_avoids(tmp_path):
     state = LiveState(microbatches=planner.state.microbatches, dead={b}, probe_links={(a, b)})
     kept = route(planner.allocation, planner.topology, planner.cost, cfg, state=state)  # a dead end: no probe
     assert not crosses(kept, a, b) and "probe_links" not in kept.extra
+
+
+def test_a_node_on_probation_gets_a_microbatch(tmp_path):
+    """A node the router avoids (8x slower) gets one microbatch when probed (LiveState.probe_nodes),
+    within the path rules; a stage-0 node is never forced (its share of microbatches is its work)."""
+    from skippipe.config import load_config
+    from skippipe.model.presets import resolve_model_spec
+    from skippipe.plan import PathRules, check_plan
+    from skippipe.planner import Planner
+    from skippipe.schedule import LiveState, route
+
+    cfg = load_config("configs/tiny.yaml", ["topology.file=null", "topology.generate.count=8",
+                                            "topology.generate.placement=single", "schedule.partition_sizes=[2,2,2,2]"])
+    planner = Planner(cfg, resolve_model_spec(cfg.model, vocab_size=256))
+    slow = planner.allocation[2][0]
+    state = LiveState(microbatches=planner.state.microbatches, slowdown={slow: 8.0})
+    avoided = route(planner.allocation, planner.topology, planner.cost, cfg, state=state)
+    assert not any(slow in mb.path for mb in avoided.microbatches)
+    state.probe_nodes = {slow}
+    probed = route(planner.allocation, planner.topology, planner.cost, cfg, state=state)
+    assert sum(slow in mb.path for mb in probed.microbatches) == 1 and probed.extra["probe_nodes"] == [slow]
+    check_plan(probed, PathRules.from_config(cfg.schedule))
+    state.probe_nodes = {planner.allocation[0][0]}
+    assert "probe_nodes" not in route(planner.allocation, planner.topology, planner.cost, cfg, state=state).extra

@@ -172,10 +172,10 @@ class FaultMonitor:
         ``fault.slow_threshold`` for SLOW_STEPS steps in a row, so a noisy step is not enough."""
         for reason in self.links.observe(planner.cost, outcome.node_reports, plan, warm):
             self.replan(planner, step, reason)
-        planner.state.probe_links = set(self.links.probing)
         self.link_metrics = self.links.metrics(planner.cost)
         ratios = self._speed_ratios(planner.cost, outcome, plan)
         if len(ratios) < 2:
+            self._set_probes(planner)
             return
         median = statistics.median(ratios.values())
         self.relative.update({n: r / median for n, r in ratios.items()})  # unmeasured nodes keep their last value
@@ -206,6 +206,12 @@ class FaultMonitor:
             self.replan(planner, step, f"slow nodes changed ({', '.join(changed)})", quiet=True)
             self.reroutes += 1
         self.slow = slow
+        self._set_probes(planner)
+
+    def _set_probes(self, planner) -> None:
+        """Links and nodes on probation: the next plans send a microbatch over or through them."""
+        planner.state.probe_links = set(self.links.probing)
+        planner.state.probe_nodes = {n for n in self._probing if n not in self.dead}
 
     def _probe_wait(self, node: str) -> int:
         return self._probe_after.get(node, self.cfg.fault.probe_after)

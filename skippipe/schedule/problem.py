@@ -30,6 +30,7 @@ class LiveState:
     slowdown: Dict[str, float] = field(default_factory=dict)
     microbatches: Optional[int] = None
     probe_links: Set[Tuple[str, str]] = field(default_factory=set)  # links a plan must cross (schedule.probe)
+    probe_nodes: Set[str] = field(default_factory=set)  # nodes a microbatch must visit (schedule.probe)
 
 
 class Problem:

@@ -49,4 +49,6 @@ def route(allocation: List[List[str]], topology, cost, params, state: Optional[L
         if method not in makers:
             raise PlanError(f"schedule.method={method!r} is unknown")
         plan, _ = finalise(assemble(prob, method, num_stages, makers[method](prob, rng)), prob)
-    return include_links(plan, prob, state.probe_links) if state.probe_links else plan
+    if state.probe_links or state.probe_nodes:
+        return include_links(plan, prob, state.probe_links, state.probe_nodes)
+    return plan
