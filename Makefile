@@ -22,8 +22,11 @@ $(STAMP): pyproject.toml
 run: install
 	$(BIN)/skippipe train configs/tiny.yaml run.overwrite=true
 
+# the multi-raylet Ray cluster gets a pytest process of its own: after another module's local
+# ray.init/ray.shutdown in the same process, connecting to a new cluster can hang
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --ignore=tests/test_ray_multinode.py
+	$(BIN)/python -m pytest -q tests/test_ray_multinode.py
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # multi-raylet clusters on one box stay on 127.0.0.1
 ray = pytest.importorskip("ray")
 
 from skippipe.config import load_config  # noqa: E402
@@ -34,7 +35,7 @@ def cluster():
                                    labels={"region": region})
                 for region, cpus in MACHINES.items()}
     c.wait_for_nodes()
-    ray.init(address=c.address, log_to_driver=False)
+    ray.init(address=c.address, log_to_driver=False, _node_ip_address="127.0.0.1")
     yield c, machines
     ray.shutdown()
     c.shutdown()

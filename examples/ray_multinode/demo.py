@@ -56,7 +56,7 @@ def scenario(run: Path, overrides=(), lose_after: int = 3, join_after: int = 11)
     machines = {r: cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1", resources={f"region_{r}": 8},
                                     labels={"region": r}) for r in ("eu", "us")}
     cluster.wait_for_nodes()
-    ray.init(address=cluster.address, log_to_driver=False)
+    ray.init(address=cluster.address, log_to_driver=False, _node_ip_address="127.0.0.1")
     try:
         for region, node in machines.items():
             print(f"machine {region}: Ray node {node.node_id[:8]}")
