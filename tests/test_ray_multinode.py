@@ -14,6 +14,7 @@ import pytest
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # multi-raylet clusters on one box stay on 127.0.0.1
 ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.slow  # make test-fast (one pytest process) leaves it out; make test runs it on its own
 
 from skippipe.config import load_config  # noqa: E402
 from skippipe.planner import Planner  # noqa: E402
