@@ -117,7 +117,7 @@ def join(tmp: Path, steps: int) -> dict:
                       [*COMMON, "launcher=ray", "ray.num_cpus_per_worker=0.25", f"train.steps={steps}",
                        "run.name=bench_join", f"run.dir={run}", "topology.file=null", "topology.generate.count=6",
                        "topology.generate.placement=single", "cost.emulate_links=false"])
-    ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     errors = []
     thread = threading.Thread(target=lambda: _run_or_record(train_ray, cfg, errors))
     thread.start()

@@ -346,7 +346,8 @@ def connect_ray(cfg: Config) -> None:
         ray.init(address=address, log_to_driver=True)
     else:
         cpus = max(os.cpu_count() or 1, int((cfg.ray.num_cpus_per_worker or 1.0) * 64))
-        ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
+        # address="local": a new instance, never one that an earlier `ray start` here left behind
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
 
 
 def worker_cpus(cfg: Config, num_workers: int, available: Dict[str, float]) -> float:
