@@ -67,6 +67,41 @@ def test_forged_wrong_key_and_replayed_values_are_rejected():
     assert reader.read("cmd/1") == {"stop": True}
 
 
+def test_silence_counts_only_time_watched_and_ignores_wall_clock_steps(monkeypatch):
+    """A worker is silent after heartbeat-limit seconds of the coordinator watching its beat not
+    change: a coordinator that did not run for 60 s, or a wall clock stepped an hour either way,
+    drops nobody; a beat that stops changing is found after the limit of watching."""
+    import skippipe.runtime.remote as remote
+    from skippipe.runtime.remote import RemoteExecutor
+
+    store = connect_store("127.0.0.1", 0, True, 10.0)
+    secret = new_secret()
+    worker = ControlChannel(connect_store("127.0.0.1", store.port, False, 10.0), 10.0, secret=secret)
+    executor = RemoteExecutor(load_config("configs/tiny.yaml", ["fault.heartbeat_s=2"]),
+                              ControlChannel(store, 10.0, secret=secret), world_size=1)
+    clock = {"mono": 1000.0, "wall": time.time()}
+    monkeypatch.setattr(remote.time, "monotonic", lambda: clock["mono"])
+    monkeypatch.setattr(time, "time", lambda: clock["wall"])
+    monkeypatch.setattr(time, "time_ns", lambda: int(clock["wall"] * 1e9))
+
+    def beat(advance_s):  # the worker beats (its own wall clock), the coordinator checks after advance_s
+        worker.heartbeat("n0")
+        clock["mono"] += advance_s
+        return executor._silent(["n0"])
+
+    assert beat(0.05) == [] and beat(60.0) == []  # the coordinator stalled for a minute: not the worker's fault
+    clock["wall"] -= 3600.0  # NTP steps the clock back an hour: the beats still count (and are not replays)
+    assert beat(0.05) == [] and executor.control.rejected == 0
+    clock["wall"] += 7200.0
+    assert beat(0.05) == []
+    checks = 0
+    while not executor._silent(["n0"]):  # the worker stops beating; the coordinator watches
+        clock["mono"] += 0.05
+        checks += 1
+        assert checks < 1000
+    assert 10.0 / 0.05 - 2 <= checks <= 10.0 / 0.05 + 2  # heartbeat limit max(5 x 2 s, 10 s) of watching
+
+
 def test_command_paths_are_confined_to_the_run_dir(tmp_path):
     run = tmp_path / "run"
     check_command_paths({"save_dir": str(run), "checkpoint": {"dir": str(run / "ckpt" / ".tmp-3")},

@@ -131,10 +131,12 @@ class ControlChannel:
         self.rejected = 0
         self._seen_bad: Set[str] = set()
         self._latest: Dict[str, int] = {}
+        self._written_ns = 0  # the last write's time: a wall clock stepped back must not make new values look old
 
     # -- generic ------------------------------------------------------------------------------
     def put(self, key: str, value: Any) -> None:
-        body = json.dumps({"k": key, "n": time.time_ns(), "v": value})
+        self._written_ns = max(time.time_ns(), self._written_ns + 1)
+        body = json.dumps({"k": key, "n": self._written_ns, "v": value})
         mac = hmac.new(self._key, body.encode(), hashlib.sha256).hexdigest()
         self.store.set(key, json.dumps({"b": body, "m": mac}))
 

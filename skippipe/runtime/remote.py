@@ -26,6 +26,11 @@ from skippipe.plan import Plan
 
 log = logging.getLogger("skippipe")
 CHECK_EVERY_S = 0.05  # how often the coordinator looks for dead or silent workers while it waits
+# a worker's silence is counted on the coordinator's monotonic clock, and one check adds at most
+# this much to it: a coordinator (or a whole machine) that did not run for a while, or a wall clock
+# stepped by NTP, is not the workers' silence (a CI run once dropped all six workers of a healthy
+# run at once for "no heartbeat for 10 s")
+MAX_SILENCE_PER_CHECK_S = 0.5
 
 
 class WorkerFailed(RunFailed):
@@ -102,7 +107,9 @@ class RemoteExecutor:
         # fails still carried them (survivors report them with their error), so they are kept for
         # the ledger until a command succeeds
         self.carried_states: Dict[str, Dict[str, Any]] = {}
-        self.last_beat: Dict[str, float] = {}  # node -> time of its last authentic heartbeat
+        self.last_beat: Dict[str, float] = {}  # node -> value of its last authentic heartbeat
+        self.silence: Dict[str, float] = {}  # node -> seconds watched since its heartbeat last changed
+        self._last_check: Optional[float] = None  # monotonic time of the last silence check
         self.worker_rejected: Dict[str, int] = {}  # node -> forged control values its worker ignored
         self.finished = False
         self._doorbell = Doorbell(control)
@@ -164,6 +171,7 @@ class RemoteExecutor:
         dead: Dict[str, str] = {}
         rang = self._doorbell.watch(index, timeout_s)
         next_check = 0.0
+        self._last_check = None  # the time between steps was not spent watching
         while pending:
             # read the reports when the last member rang the doorbell, and look for failed, dead or
             # silent workers every CHECK_EVERY_S meanwhile (polling every key of every worker every
@@ -207,13 +215,23 @@ class RemoteExecutor:
         return max(5.0 * self.cfg.fault.heartbeat_s, 10.0)
 
     def _silent(self, nodes) -> List[str]:
-        """Members whose last authentic heartbeat is too old (a forged or replayed one is ignored)."""
-        now, silent = time.time(), []
+        """Members whose heartbeat has not changed for the heartbeat limit of watching (a forged or
+        replayed one is ignored). Only the time this loop watched counts, each check adding at most
+        MAX_SILENCE_PER_CHECK_S, so a stall on this side is never blamed on the workers; the beat's
+        value (the worker's clock) is compared for change only, never with this clock."""
+        now = time.monotonic()
+        watched = 0.0 if self._last_check is None else min(now - self._last_check, MAX_SILENCE_PER_CHECK_S)
+        self._last_check = now
+        silent = []
         for node in nodes:
             beat = self.control.read(f"hb/{node}")
-            if beat is not None:
-                self.last_beat[node] = max(float(beat), self.last_beat.get(node, 0.0))
-            if node in self.last_beat and now - self.last_beat[node] > self._heartbeat_limit_s():
+            if beat is None and node not in self.last_beat:
+                continue  # never beat yet (starting): the launcher and the report timeout watch it
+            if beat is not None and beat != self.last_beat.get(node):
+                self.last_beat[node], self.silence[node] = beat, 0.0
+            else:
+                self.silence[node] = self.silence.get(node, 0.0) + watched
+            if self.silence[node] > self._heartbeat_limit_s():
                 silent.append(node)
         return silent
 

@@ -540,13 +540,18 @@ def describe_error(err: BaseException) -> Dict[str, Any]:
 
 
 def _heartbeat(control_addr, port, namespace, name, period_s, stop: threading.Event) -> None:
-    """A separate store connection, so a worker stuck in compute or a receive still beats."""
-    try:
-        channel = ControlChannel(connect_store(control_addr, port, False, 30.0), 30.0, namespace)
-        while not stop.wait(period_s):
+    """A separate store connection, so a worker stuck in compute or a receive still beats. A failed
+    beat reconnects (a thread that died on one store error silenced a healthy worker); the thread
+    ends with the process."""
+    channel = None
+    while not stop.wait(period_s):
+        try:
+            if channel is None:
+                channel = ControlChannel(connect_store(control_addr, port, False, 30.0), 30.0, namespace)
             channel.heartbeat(name)
-    except Exception:  # the coordinator is gone; the main loop will notice
-        return
+        except Exception as err:  # noqa: BLE001 - the coordinator may be gone; the main loop will notice
+            log.debug("heartbeat of %s failed (%s); reconnecting", name, err)
+            channel = None
 
 
 def serve(env: WorkerEnv, control: ControlChannel, namespace: str = "") -> None:
