@@ -162,10 +162,16 @@ def machine(tmp: Path, seeds) -> dict:
     runs = [demo.scenario(tmp / f"machine{seed}", [f"run.seed={seed}"]) for seed in seeds]
     recovered = [max(m["fault/recovered_s"] for m in r["recovery"]) for r in runs if r["recovery"]]
     joined = [r["join_to_first_microbatch_s"] for r in runs if r["join_to_first_microbatch_s"] is not None]
+    join_steps = [r["join_steps"] for r in runs if r["join_steps"] is not None]
+    started = [r["worker_start_to_admitted_s"] for r in runs if r["worker_start_to_admitted_s"] is not None]
+    step_s = [r["median_step_s"] for r in runs]
     return {"seeds": list(seeds), "runs": runs,
             "recovered_s": {"median": statistics.median(recovered), "worst": max(recovered)} if recovered else None,
             "join_to_first_microbatch_s": {"median": statistics.median(joined), "worst": max(joined),
                                            "joined": len(joined)} if joined else None,
+            "join_steps": {"median": statistics.median(join_steps), "worst": max(join_steps)} if join_steps else None,
+            "median_step_s": statistics.median(step_s),
+            "worker_start_to_admitted_s": {"median": statistics.median(started), "worst": max(started)} if started else None,
             "all_steps": all(r["steps"] == 30 for r in runs)}
 
 
@@ -177,6 +183,12 @@ def machine_rows(result: dict) -> list:
             ("machine joins (Ray): -> its first microbatch",
              f"{join_['median']:.1f} / {join_['worst']:.1f} s" if join_ else "never", f"{n}/{n} joined"
              if join_ and join_["joined"] == n else "-"),
+            ("machine joins (Ray): its worker, start -> admitted",
+             "{median:.1f} / {worst:.1f} s".format(**result["worker_start_to_admitted_s"])
+             if result.get("worker_start_to_admitted_s") else "-", "-"),
+            ("machine joins (Ray): steps from joining to its first microbatch",
+             f"{result['join_steps']['median']} / {result['join_steps']['worst']} "
+             f"(step {result['median_step_s']:.2f} s)" if result.get("join_steps") else "never", "<= 4"),
             ("machine runs: every step once", str(result["all_steps"]), "True")]
 
 

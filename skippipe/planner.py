@@ -21,13 +21,20 @@ log = logging.getLogger(__name__)
 class Planner:
     def __init__(self, cfg, spec):
         from skippipe.cost import CostModel
-        from skippipe.schedule import LiveState, allocation_for
+        from skippipe.schedule import LiveState, allocate, allocate_by_plan, as_params
         from skippipe.topology import load_topology
 
         self.cfg = cfg
         self.topology = load_topology(cfg)
         self.cost = CostModel.from_config(cfg, spec, self.topology)
-        self.allocation = allocation_for(self.topology, self.cost, cfg)
+        params = as_params(cfg)
+        # the allocation judged by its routed plan comes with that plan (step 0, no live state):
+        # the first step uses it instead of routing the same problem again
+        self._first: Optional[Plan] = None
+        if params.allocator(params.method) == "plan":
+            self.allocation, self._first, _ = allocate_by_plan(self.topology, self.cost, params)
+        else:
+            self.allocation = allocate(self.topology, self.cost, params)
         # the batch is fixed at the start: nodes that join stage 0 later share the same microbatches
         self.state = LiveState(microbatches=len(self.allocation[0]) * cfg.schedule.microbatches_per_originator)
         self.rules = PathRules.from_config(cfg.schedule)
@@ -64,6 +71,13 @@ class Planner:
 
     def invalidate(self) -> None:
         self._plan = None
+        self._first = None  # planned for another allocation or topology
+
+    def _pristine(self) -> bool:
+        """Whether the live state is what the allocation's own plan assumed (nothing dead, slow or
+        to be probed)."""
+        s = self.state
+        return not (s.dead or s.slowdown or s.probe_links or s.probe_nodes)
 
     def plan(self, step: int) -> Plan:
         if self.replay is not None:
@@ -76,7 +90,11 @@ class Planner:
             from skippipe.schedule import route
 
             start = time.perf_counter()
-            self._plan = route(self.allocation, self.topology, self.cost, self.cfg, state=self.state, step=step)
+            first, self._first = self._first, None
+            if first is not None and step == 0 and self._pristine():
+                self._plan = first
+            else:
+                self._plan = route(self.allocation, self.topology, self.cost, self.cfg, state=self.state, step=step)
             self.last_plan_s = time.perf_counter() - start
             check_plan(self._plan, self.rules, dead=sorted(self.state.dead))
             self._planned_step = step

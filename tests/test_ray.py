@@ -7,7 +7,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -18,6 +17,7 @@ ray = pytest.importorskip("ray")
 
 from skippipe.config import load_config  # noqa: E402
 from skippipe.planner import Planner  # noqa: E402
+from skippipe.runtime.background import BackgroundRun  # noqa: E402
 from skippipe.runtime.launch_ray import train_ray  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,28 +51,12 @@ def allocation_of(cfg):
     return Planner(cfg, resolve_model_spec(cfg.model, vocab_size=256)).allocation
 
 
-def train_and_kill(cfg, run, node, after_step):
+def train_and_kill(cfg, node, after_step):
     """Train on Ray in a thread; ray.kill the actor of ``node`` once ``after_step`` is logged."""
-    result, errors = {}, []
-
-    def target():
-        try:
-            result["summary"] = train_ray(cfg)
-        except BaseException as err:  # surfaced below
-            errors.append(err)
-
-    thread = threading.Thread(target=target)
-    thread.start()
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and thread.is_alive():
-        path = Path(run) / "metrics.jsonl"
-        if path.is_file() and any(json.loads(x).get("step", -1) >= after_step for x in path.read_text().splitlines()):
-            ray.kill(train_ray.last_launcher.actor(node), no_restart=True)
-            break
-        time.sleep(0.05)
-    thread.join(timeout=300)
-    assert not errors, errors
-    return result["summary"]
+    job = BackgroundRun(train_ray, cfg)
+    if job.wait_for_step(after_step):
+        ray.kill(train_ray.last_launcher.actor(node), no_restart=True)
+    return job.result()
 
 
 def test_ray_launcher_trains(ray_cluster, tmp_path):
@@ -86,7 +70,7 @@ def test_ray_kill_nonzero_stage_actor_is_routed_around(ray_cluster, tmp_path):
     cfg = config(tmp_path, "train.steps=6")
     allocation = allocation_of(cfg)
     victim = allocation[1][0]  # stage 1 has two replicas in the tiny topology
-    train_and_kill(cfg, tmp_path, victim, after_step=1)
+    train_and_kill(cfg, victim, after_step=1)
     steps = [m for m in metrics(tmp_path) if "loss/val" not in m]
     assert [m["step"] for m in steps] == list(range(6))  # every step once
     generations = [m["cluster/generation"] for m in steps]
@@ -105,7 +89,7 @@ def test_stage_losing_all_replicas_is_skipped_then_restored(ray_cluster, tmp_pat
     allocation = allocation_of(cfg)
     stage = next(k for k in range(1, len(allocation)) if len(allocation[k]) == 1)
     victim = allocation[stage][0]
-    train_and_kill(cfg, tmp_path, victim, after_step=1)
+    train_and_kill(cfg, victim, after_step=1)
     stage_of_step = []
     for r in routes(tmp_path):
         plan = r["plan"]
@@ -143,30 +127,6 @@ def test_slow_node_receives_fewer_microbatches(ray_cluster, tmp_path):
         assert metrics(tmp_path)[-2][f"node/{node}/slowdown"] > 2.0
 
 
-def train_in_thread(cfg):
-    result, errors = {}, []
-
-    def target():
-        try:
-            result["summary"] = train_ray(cfg)
-        except BaseException as err:  # surfaced by the caller
-            errors.append(err)
-
-    thread = threading.Thread(target=target)
-    thread.start()
-    return thread, result, errors
-
-
-def wait_for_step(run, step, thread, timeout_s=240):
-    deadline = time.monotonic() + timeout_s
-    path = Path(run) / "metrics.jsonl"
-    while time.monotonic() < deadline and thread.is_alive():
-        if path.is_file() and any(json.loads(x).get("step", -1) >= step for x in path.read_text().splitlines()):
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def test_new_node_joins_running_job(ray_cluster, tmp_path):
     from skippipe.errors import UserError
     from skippipe.runtime.join import node_spec, request_join
@@ -179,9 +139,9 @@ def test_new_node_joins_running_job(ray_cluster, tmp_path):
     stage = min(range(1, len(allocation)), key=lambda k: (len(allocation[k]), k))
     slow = allocation[stage][0]
     cfg = config(tmp_path, *common, f"fault.slow_nodes.{slow}=8.0")
-    thread, _, errors = train_in_thread(cfg)
+    job = BackgroundRun(train_ray, cfg)
     try:
-        assert wait_for_step(tmp_path, 1, thread)
+        assert job.wait_for_step(1)
         with pytest.raises(UserError, match="unknown region"):
             request_join("joinrun", node_spec("n9", "mars"), timeout_s=60)
         with pytest.raises(UserError, match="already in the run"):
@@ -190,8 +150,7 @@ def test_new_node_joins_running_job(ray_cluster, tmp_path):
             request_join("otherrun", node_spec("n9", "local"), timeout_s=60)
         status = request_join("joinrun", node_spec("n6", "local"), timeout_s=180)
     finally:
-        thread.join(timeout=300)
-    assert not errors, errors
+        job.result()
     assert status["status"] == "joined" and status["stage"] == stage  # the stage with the fewest replicas
     joined_at = status["step"]
     steps = [m for m in metrics(tmp_path) if "loss/val" not in m]

@@ -12,11 +12,10 @@ stands in for them, as in tests/test_ray_multinode.py.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
+import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -25,18 +24,6 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-
-
-def step_logged(run: Path, step: int) -> bool:
-    path = run / "metrics.jsonl"
-    return path.is_file() and any(json.loads(x).get("step", -1) >= step for x in path.read_text().splitlines())
-
-
-def uses(run: Path, node: str) -> bool:
-    """Whether a logged step sent a microbatch through ``node``."""
-    path = run / "routes.jsonl"
-    return path.is_file() and any(node in mb["path"] for line in path.read_text().splitlines()
-                                  for mb in json.loads(line)["plan"]["microbatches"])
 
 
 def scenario(run: Path, overrides=(), lose_after: int = 3, join_after: int = 11) -> dict:
@@ -49,6 +36,7 @@ def scenario(run: Path, overrides=(), lose_after: int = 3, join_after: int = 11)
     from skippipe.config import load_config
     from skippipe.model.presets import resolve_model_spec
     from skippipe.planner import Planner
+    from skippipe.runtime.background import BackgroundRun, first_step_using, read_jsonl
     from skippipe.runtime.launch_ray import train_ray
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1",
@@ -70,43 +58,42 @@ def scenario(run: Path, overrides=(), lose_after: int = 3, join_after: int = 11)
         # lose the machine that leaves a stage-0 node (the originators) alive
         lose = "us" if any(region_of[n] == "eu" for n in allocation[0]) else "eu"
         print(f"allocation {allocation}")
-        errors: list = []
-        thread = threading.Thread(target=_train, args=(train_ray, cfg, errors))
-        thread.start()
-        while thread.is_alive() and not step_logged(run, lose_after):
-            time.sleep(0.05)
+        job = BackgroundRun(train_ray, cfg)
+        job.wait_for_step(lose_after)
         raylet = psutil.Process(machines[lose].all_processes["raylet"][0].process.pid)
         workers = raylet.children(recursive=True)
+        lost_after = job.last_step()
         cluster.remove_node(machines[lose], allow_graceful=False)
         for proc in workers:
             try:
                 proc.send_signal(signal.SIGKILL)
             except psutil.NoSuchProcess:
                 pass
-        print(f"lost machine {lose} ({len(workers)} processes) after step {lose_after}")
-        while thread.is_alive() and not step_logged(run, join_after):
-            time.sleep(0.05)
+        print(f"lost machine {lose} ({len(workers)} processes) after step {lost_after}")
+        job.wait_for_step(join_after)
         joined = cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1", labels={"region": lose})
-        added_at, name, first_use_s = time.monotonic(), f"ray-{joined.node_id[:6]}", None
-        print(f"machine {joined.node_id[:8]} (region {lose}) joined the cluster after step {join_after}")
-        while thread.is_alive():
-            if first_use_s is None and uses(run, name):  # routes are written while the next step runs
-                first_use_s = time.monotonic() - added_at
-            time.sleep(0.05)
-        thread.join()
-        if errors:
-            raise errors[0]
+        added_at, name = time.monotonic(), f"ray-{joined.node_id[:6]}"
+        joined_after = job.last_step()  # its raylet has registered: the machine is in the cluster
+        print(f"machine {joined.node_id[:8]} (region {lose}) joined the cluster after step {joined_after}")
+        # routes are written while the next step runs: the time a plan first uses the new node
+        used = job.wait_until(lambda: first_step_using(run, name) is not None, timeout_s=600)
+        first_use_s = time.monotonic() - added_at if used else None
+        job.result()
     finally:
         ray.shutdown()
         cluster.shutdown()
-    routes = [json.loads(x) for x in (run / "routes.jsonl").read_text().splitlines()]
-    recovery = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    recovery = [m for m in recovery if "fault/recovered_s" in m]
-    first = next((r["step"] for r in routes if any(name in mb["path"] for mb in r["plan"]["microbatches"])), None)
+    routes = read_jsonl(run / "routes.jsonl")
+    metrics = read_jsonl(run / "metrics.jsonl")
+    recovery = [m for m in metrics if "fault/recovered_s" in m]
+    start = next((m[f"join/{name}/start_s"] for m in metrics if f"join/{name}/start_s" in m), None)
+    first = first_step_using(run, name)
     return {"lost": lose, "processes": len(workers), "allocation": allocation, "steps": len(routes),
-            "generations": sorted({r["generation"] for r in routes}),
+            "generations": sorted({r["generation"] for r in routes}), "lost_after_step": lost_after,
             "recovery": [{k: m[k] for k in ("step", "fault/detect_s", "fault/recovered_s")} for m in recovery],
-            "joined_node": name, "first_step_on_a_path": first, "join_to_first_microbatch_s": first_use_s}
+            "joined_node": name, "joined_after_step": joined_after, "first_step_on_a_path": first,
+            "join_steps": None if first is None else first - joined_after,
+            "join_to_first_microbatch_s": first_use_s, "worker_start_to_admitted_s": start,
+            "median_step_s": statistics.median(m["time/iter_s"] for m in metrics if "time/iter_s" in m)}
 
 
 def main(argv) -> int:
@@ -119,16 +106,11 @@ def main(argv) -> int:
     for m in out["recovery"]:
         print(f"step {m['step']}: failure detected {m['fault/detect_s']:.1f} s after the step started, "
               f"the redone step done {m['fault/recovered_s']:.1f} s after it started")
-    print(f"{out['steps']} steps, generations {out['generations']}; {out['joined_node']} first on a path at step "
-          f"{out['first_step_on_a_path']}, {out['join_to_first_microbatch_s']:.1f} s after its machine joined")
+    print(f"{out['steps']} steps, generations {out['generations']}; {out['joined_node']} joined after step "
+          f"{out['joined_after_step']}, first on a path at step {out['first_step_on_a_path']}, "
+          f"{out['join_to_first_microbatch_s']:.1f} s after its machine joined (its worker: "
+          f"{out['worker_start_to_admitted_s']:.1f} s from start to admitted)")
     return 0
-
-
-def _train(train_ray, cfg, errors) -> None:
-    try:
-        train_ray(cfg)
-    except BaseException as err:  # re-raised by main
-        errors.append(err)
 
 
 if __name__ == "__main__":

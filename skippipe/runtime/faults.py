@@ -40,6 +40,7 @@ class FaultMonitor:
         self.relative: Dict[str, float] = {}  # last measured speed ratio against the median node
         self.events: List[Dict[str, Any]] = []
         self.last_recovery: Dict[str, float] = {}  # times of the last step's recovery, for metrics
+        self.last_join: Dict[str, float] = {}  # start-up times of the nodes the last step admitted
         self.requests: Dict[str, int] = {}  # node asked to join -> its request id, until it joins
         self._replace_tries: Dict[str, int] = {}  # node -> replacements started again after failing to join
         # slow nodes that get no work are never measured again: after fault.probe_after steps without
@@ -65,6 +66,7 @@ class FaultMonitor:
         """Run ``step``; on a node failure re-plan without the failed nodes and redo it. ``meanwhile``
         (plan) runs on each attempt while the workers compute (``executor.step``)."""
         self.last_recovery: Dict[str, float] = {}
+        self.last_join: Dict[str, float] = {}
         for attempt in range(MAX_REDOS_PER_STEP + 1):
             self.before_step(planner, executor, step)
             plan = planner.plan(step)
@@ -129,8 +131,19 @@ class FaultMonitor:
             planner.state.dead = set(self.dead)
             self.replan(planner, step, f"{', '.join(joined)} joined", quiet=True)
             self.reroutes += 1
-            log.warning("step %d: %s joined (generation %d)", step, ", ".join(joined), self.generation)
-            self.events.append({"step": step, "generation": self.generation, "joined": joined})
+            startup = getattr(executor, "startup", {})
+            took = "; ".join(f"{n}: started {startup[n]['admitted_s']:.1f} s ago" +
+                             (f", its process up in {startup[n]['process_s']:.1f} s" if startup[n].get("process_s") else "")
+                             for n in joined if n in startup)
+            log.warning("step %d: %s joined (generation %d%s)", step, ", ".join(joined), self.generation,
+                        f"; {took}" if took else "")
+            self.events.append({"step": step, "generation": self.generation, "joined": joined,
+                                "startup": {n: startup[n] for n in joined if n in startup}})
+            for node in joined:
+                if node in startup:
+                    self.last_join[f"join/{node}/start_s"] = startup[node]["admitted_s"]
+                    if startup[node].get("process_s") is not None:
+                        self.last_join[f"join/{node}/process_s"] = startup[node]["process_s"]
             for node in joined:
                 if node in self.requests:
                     executor.answer_join(self.requests.pop(node), "joined", step=step, generation=self.generation)
@@ -234,9 +247,13 @@ class FaultMonitor:
         """``node/<name>/slowdown``: measured compute time relative to the median node (1.0 = typical);
         after a recovery, ``fault/detect_s`` (step start to detection), ``fault/rebuild_s`` (new
         generation and plan) and ``fault/recovered_s`` (step start to the redone step's completion);
-        ``route/replans`` and the measured links (:meth:`LinkWatch.metrics`)."""
+        on the step a node joins (a replacement or a new node), ``join/<name>/start_s`` (its worker
+        started to admitted, on the coordinator's clock) and ``join/<name>/process_s`` (its process
+        or actor start to ready, on its own); ``route/replans`` and the measured links
+        (:meth:`LinkWatch.metrics`)."""
         out = {f"node/{n}/slowdown": round(self.relative.get(n, 1.0), 3) for n in self.nodes if n not in self.dead}
         out.update(self.last_recovery)
+        out.update(self.last_join)
         out["route/replans"] = self.replans
         out.update(self.link_metrics)
         if self.probes:

@@ -45,7 +45,7 @@ class WorkerActor:
     at import time)."""
 
     def __init__(self, env: Dict[str, str]):
-        os.environ.update(env)
+        os.environ.update(env, SKIPPIPE_STARTED_AT=str(time.time()))  # the worker reports its start-up time
         import torch
 
         torch.set_num_threads(int(env.get("OMP_NUM_THREADS", "1")))

@@ -102,6 +102,8 @@ class RemoteExecutor:
         self.origin: Dict[int, Dict[str, Any]] = {}  # stage -> where a stage with no survivor restarts from
         self.restore: Dict[int, str] = {}  # stage -> checkpoint directory its new replica loads
         self.failed_joins: Dict[str, str] = {}  # node -> why its worker never joined
+        self.started: Dict[str, float] = {}  # joining node -> when its worker was started (monotonic)
+        self.startup: Dict[str, Dict[str, Any]] = {}  # the last admitted nodes: start -> admitted s, process age s
         self.added: List[Dict[str, Any]] = []  # nodes added to the running job: name, region, speed, ...
         # state digests of the last committed step ride on the next command's reports; a command that
         # fails still carried them (survivors report them with their error), so they are kept for
@@ -277,6 +279,7 @@ class RemoteExecutor:
         if self.launcher is None:
             return
         self.incarnation[node] = self.incarnation.get(node, 0) + 1
+        self.started[node] = time.monotonic()
         self.launcher.replace(node, self.incarnation[node], away_from_last)
         self.joining[node] = self.incarnation[node]
 
@@ -294,6 +297,7 @@ class RemoteExecutor:
         self.nodes.append(node)
         self.added.append(dict(spec))
         self.incarnation[node] = 0
+        self.started[node] = time.monotonic()
         self.launcher.add(node, spec)
         self.joining[node] = 0
 
@@ -311,8 +315,13 @@ class RemoteExecutor:
         ready = [n for n, inc in sorted(self.joining.items()) if self.control.has(f"ready/{n}/{inc}")]
         if not ready:
             return []
+        self.startup = {}
         for node in ready:
-            self.control.put(f"first/{node}/{self.joining.pop(node)}", self.command_index)
+            incarnation = self.joining.pop(node)
+            info = self.control.get_now(f"ready/{node}/{incarnation}")
+            self.startup[node] = {"admitted_s": round(time.monotonic() - self.started.pop(node, time.monotonic()), 3),
+                                  "process_s": info.get("process_s") if isinstance(info, dict) else None}
+            self.control.put(f"first/{node}/{incarnation}", self.command_index)
         live = set(self.members)
         self.members = [n for n in self.nodes if n in live or n in ready]
         self.generation += 1

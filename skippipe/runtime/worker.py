@@ -554,6 +554,19 @@ def _heartbeat(control_addr, port, namespace, name, period_s, stop: threading.Ev
             channel = None
 
 
+def _process_age_s() -> Optional[float]:
+    """Seconds since this process (a Ray actor: its constructor) started: its start-up cost,
+    reported with ``ready``."""
+    if os.environ.get("SKIPPIPE_STARTED_AT"):  # a Ray actor may run in a process Ray started earlier
+        return round(time.time() - float(os.environ["SKIPPIPE_STARTED_AT"]), 3)
+    try:
+        import psutil
+
+        return round(time.time() - psutil.Process().create_time(), 3)
+    except Exception:  # noqa: BLE001 - informative only
+        return None
+
+
 def serve(env: WorkerEnv, control: ControlChannel, namespace: str = "") -> None:
     """The worker loop: wait for each command, run it, report; stop when told."""
     worker = Worker(env, control)
@@ -561,7 +574,7 @@ def serve(env: WorkerEnv, control: ControlChannel, namespace: str = "") -> None:
     stop = threading.Event()
     threading.Thread(target=_heartbeat, args=(env.master_addr, env.master_port, namespace, worker.me,
                                               worker.cfg.fault.heartbeat_s, stop), daemon=True).start()
-    control.put(f"ready/{worker.me}/{env.incarnation}", time.time())
+    control.put(f"ready/{worker.me}/{env.incarnation}", {"time": time.time(), "process_s": _process_age_s()})
     index = control.wait_for(f"first/{worker.me}/{env.incarnation}", timeout_s=worker.cfg.runtime.timeout_s * 4)
     plan = None
     try:
