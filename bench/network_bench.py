@@ -48,6 +48,7 @@ from baselines.common import write_json  # noqa: E402
 from runtime_bench import machine_info, run_skippipe  # noqa: E402
 
 from skippipe.plan import Plan  # noqa: E402
+from skippipe.runfiles import read_jsonl  # noqa: E402
 from skippipe.runtime.links import links_used  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "network_bench.json"
@@ -96,10 +97,6 @@ def cases(args, workdir: Path) -> Dict[str, List[str]]:
     for seed in args.seeds:
         out[f"random{seed}"] = [f"topology.file={random_topology(seed, workdir)}"]
     return out
-
-
-def read_jsonl(path: Path) -> List[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def prediction(name: str, overrides: List[str], method: str, steps: int, workdir: Path) -> dict:

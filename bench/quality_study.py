@@ -52,8 +52,8 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 from skippipe.config import load_config, stages_visited  # noqa: E402
 from skippipe.data import load_data  # noqa: E402
-from skippipe.metrics import read_run_config  # noqa: E402
 from skippipe.model.presets import resolve_model_spec  # noqa: E402
+from skippipe.runfiles import read_run_config  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 GEO20 = ROOT / "configs" / "paper_geo20.yaml"

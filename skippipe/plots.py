@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from skippipe.gantt import draw_events, node_rows, phase_legend, stage_separators
-from skippipe.metrics import read_jsonl, read_metrics, read_run_config
+from skippipe.runfiles import read_jsonl, read_metrics, read_run_config
 
 log = logging.getLogger(__name__)
 

@@ -141,7 +141,7 @@ def run_eval(run: str, drop_stages: Optional[str] = None, keep_fractions: Option
              samples: int = 8, seed: Optional[int] = None) -> Dict[str, object]:
     """The ``--json`` object; see the module docstring. Arguments are checked before any loading."""
     from skippipe.config import num_stages
-    from skippipe.metrics import read_run_config
+    from skippipe.runfiles import read_run_config
     from skippipe.train.evaluate import evaluate
 
     run_dir = Path(run)

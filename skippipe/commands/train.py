@@ -32,7 +32,7 @@ def run(args) -> int:
 
     check_run_dir(cfg)  # before any worker starts; the coordinator validates the rest before writing
     if cfg.launcher == "inprocess":
-        from skippipe.train.loop import train_inprocess
+        from skippipe.runtime.coordinator import train_inprocess
 
         train_inprocess(cfg)
         return 0

@@ -11,7 +11,6 @@ job at a given step (kill a node, lose a machine, add one) and then look at what
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from pathlib import Path
@@ -21,23 +20,17 @@ POLL_S = 0.05
 
 
 def read_jsonl(path: Path, since: Optional[float] = None) -> List[Dict[str, Any]]:
-    """The complete lines of a JSON-lines file another thread may be appending to (a line being
-    written is left for the next read); none from a file last written before ``since`` (wall-clock
-    seconds: the file of an earlier run that this one will overwrite)."""
+    """The complete lines of a JSON-lines file another thread may be appending to
+    (:func:`skippipe.runfiles.read_jsonl`); none from a missing file or one last written before
+    ``since`` (wall-clock seconds: the file of an earlier run that this one will overwrite)."""
+    from skippipe.runfiles import read_jsonl as read_lines
+
     try:
         if since is not None and path.stat().st_mtime < since:
             return []
     except FileNotFoundError:
         return []
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return out
+    return read_lines(path) if path.is_file() else []
 
 
 def logged_steps(run: Path, since: Optional[float] = None) -> List[int]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -23,30 +23,12 @@ import torch
 from skippipe.config import Config, run_dir, to_yaml
 from skippipe.plan import Plan, write_text_atomic
 from skippipe.runtime.faults import FaultMonitor
+from skippipe.runtime.outcome import StepOutcome
 from skippipe.runtime.predict import Predictor, step_timings
 from skippipe.runtime.recorder import RunRecorder
 from skippipe.runtime.remote import NodeFailure, RemoteExecutor, WorkerFailed  # noqa: F401 (re-exported)
 
 log = logging.getLogger("skippipe")
-
-
-@dataclass
-class StepOutcome:
-    losses: Dict[int, float]
-    grad_norm: float
-    node_reports: Dict[str, Dict[str, Any]] = field(default_factory=dict)
-    leaves: Dict[str, str] = field(default_factory=dict)  # ledger leaves computed in-process
-    checkpoint: List[dict] = field(default_factory=list)  # manifest entries of a requested checkpoint
-    # node -> {"step", "digests"}: state after the last committed update, reported with this step
-    # (also by survivors of failed attempts of it)
-    states: Dict[str, Dict[str, Any]] = field(default_factory=dict)
-    # stage -> where a stage that lost every replica restarted from before this step (routes.jsonl
-    # records it in the plan's extra.rebuilt, for the replay)
-    rebuilt: Dict[str, Dict[str, Any]] = field(default_factory=dict)
-
-    @property
-    def loss(self) -> float:
-        return sum(self.losses[i] for i in sorted(self.losses)) / max(1, len(self.losses))
 
 
 # ---------------------------------------------------------------------------------------------

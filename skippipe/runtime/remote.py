@@ -137,7 +137,7 @@ class RemoteExecutor:
              meanwhile: Optional[Callable[[Plan], None]] = None):
         """Send the step's command, run ``meanwhile(plan)`` (the coordinator's own work, while the
         workers compute), gather the reports."""
-        from skippipe.runtime.coordinator import StepOutcome
+        from skippipe.runtime.outcome import StepOutcome
 
         index = self.command_index
         rebuilt = {str(k): v for k, v in sorted(self.origin.items())}  # the replay must do the same

@@ -1,9 +1,8 @@
-"""Process setup shared by every launcher, and the ``launcher=inprocess`` entry point."""
+"""Process setup shared by every launcher: threads, device."""
 
 from __future__ import annotations
 
 import os
-from typing import Any, Dict
 
 import torch
 
@@ -33,10 +32,3 @@ def check_device(cfg: Config) -> None:
         why = "is a CPU-only build" if torch.version.cuda is None else "finds no CUDA device"
         raise ConfigError(f"train.device=cuda but torch {torch.__version__} {why}; set train.device=cpu "
                           f"(or auto), or install a CUDA build of torch (README: Scale up)")
-
-
-def train_inprocess(cfg: Config) -> Dict[str, Any]:
-    """Train with every stage in this process (the reference executor)."""
-    from skippipe.runtime.coordinator import train_inprocess as run
-
-    return run(cfg)
