@@ -151,7 +151,7 @@ def join(tmp: Path, steps: int) -> dict:
 def machine(tmp: Path, seeds) -> dict:
     """Ray across machines (examples/ray_multinode): a head and two raylets on 127.0.0.1; the machine
     whose loss leaves an originator is lost after step 3 (its raylet and every process on it) and a
-    new machine of its region joins after step 11 (``ray.autojoin``). Per seed (``run.seed``: other
+    new machine of its region joins after step 17 (``ray.autojoin``). Per seed (``run.seed``: other
     data, model and allocation): seconds from the failed step's start to the redone step's end, and
     from the machine joining to its first microbatch. Median and worst over the seeds."""
     import importlib.util

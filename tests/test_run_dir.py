@@ -101,3 +101,19 @@ def test_simulate_rejects_bad_plans(finished, tmp_path, capsys, edit, words):
     line = refused(capsys, ["simulate", str(path), *COMMON])
     assert words in line, line
     assert tree_hash(tmp_path, finished) == before
+
+
+def test_pruning_keeps_the_last_copy_of_a_stage_that_newer_checkpoints_lack():
+    """checkpoint.keep=2: stage 2 lost every replica after step 1, so checkpoints 3-9 lack it; the
+    newest one holding it (1) must survive pruning until a newer one holds it again (11), else
+    fault.rebuild=checkpoint has nothing to restore it from. Pinned checkpoints stay too."""
+    from skippipe.runtime.recorder import prunable
+
+    full = {"stage0.pt", "stage1.pt", "stage2.pt"}
+    files = {0: full, 1: full, 3: full - {"stage2.pt"}, 5: full - {"stage2.pt"}, 7: full - {"stage2.pt"},
+             9: full - {"stage2.pt"}, 11: full}
+    steps = sorted(files)
+    assert prunable(steps[:-1], files.get, 2, set()) == [0, 3, 5]  # 1: the last stage2.pt
+    assert prunable(steps, files.get, 2, set()) == [0, 1, 3, 5, 7]  # 11 holds stage 2 again
+    assert prunable(steps, files.get, 2, {3}) == [0, 1, 5, 7]  # a stage restarted from 3
+    assert prunable(steps, files.get, 0, set()) == [] and prunable(steps[:2], files.get, 2, set()) == []

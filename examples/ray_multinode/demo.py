@@ -1,7 +1,8 @@
 """Three machines on one box: a Ray head and two raylets (regions eu and us) on 127.0.0.1, the run's
 nodes pinned to them by label and resource (examples/ray_multinode/topology.yaml); the us machine is
 lost at step 4 (its raylet and every process on it; the us machine unless it holds every stage-0
-node) and a new machine of that region joins at step 12 (``ray.autojoin``).
+node) and a new machine of that region joins after step 17 (``ray.autojoin``), once the lost
+machine's replacements are in.
 
     .venv/bin/python examples/ray_multinode/demo.py [RUN_DIR] [key=value ...]
 
@@ -26,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 
-def scenario(run: Path, overrides=(), lose_after: int = 3, join_after: int = 11) -> dict:
+def scenario(run: Path, overrides=(), lose_after: int = 3, join_after: int = 17) -> dict:
     """Start the cluster, train, lose a machine after step ``lose_after`` and add one after step
     ``join_after``; returns what happened and how long it took (also for bench/fault_bench.py)."""
     import psutil
@@ -106,10 +107,13 @@ def main(argv) -> int:
     for m in out["recovery"]:
         print(f"step {m['step']}: failure detected {m['fault/detect_s']:.1f} s after the step started, "
               f"the redone step done {m['fault/recovered_s']:.1f} s after it started")
+    start = out["worker_start_to_admitted_s"]
+    admitted = "never admitted" if start is None else f"its worker: {start:.1f} s from start to admitted"
+    used = ("never on a path (the plans did not need it)" if out["first_step_on_a_path"] is None else
+            f"first on a path at step {out['first_step_on_a_path']}, {out['join_to_first_microbatch_s']:.1f} s "
+            "after its machine joined")
     print(f"{out['steps']} steps, generations {out['generations']}; {out['joined_node']} joined after step "
-          f"{out['joined_after_step']}, first on a path at step {out['first_step_on_a_path']}, "
-          f"{out['join_to_first_microbatch_s']:.1f} s after its machine joined (its worker: "
-          f"{out['worker_start_to_admitted_s']:.1f} s from start to admitted)")
+          f"{out['joined_after_step']}, {used} ({admitted})")
     return 0
 
 

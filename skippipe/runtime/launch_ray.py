@@ -22,9 +22,10 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Set
 
 from skippipe.config import Config
 from skippipe.errors import UserError
@@ -102,6 +103,11 @@ class RayLauncher:
         self.actors: Dict[str, Any] = {}
         self.runs: Dict[str, Any] = {}
         self.mailbox = None
+        # replacements being placed in the background (a liveness probe and a placement group can
+        # take seconds; the redone step should not wait for them): node -> its thread
+        self._lock = threading.Lock()
+        self._starting: Dict[str, threading.Thread] = {}
+        self._cancelled: Set[str] = set()  # killed while starting: not spawned
 
     def _bundle(self, node: str) -> Dict[str, float]:
         return {**self.bundle, **self.pins.get(node, {}).get("resources", {})}
@@ -213,11 +219,15 @@ class RayLauncher:
         """node -> exit code (-9 when the actor died) for every worker whose ``run`` has ended."""
         import ray
 
-        refs = list(self.runs.values())
+        with self._lock:  # a replacement still being placed has no run of its own yet
+            runs = {node: ref for node, ref in self.runs.items() if node not in self._starting}
+        refs = list(runs.values())
+        if not refs:
+            return {}
         done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
         done = set(done)
         out = {}
-        for node, ref in self.runs.items():
+        for node, ref in runs.items():
             if ref in done:
                 try:
                     out[node] = int(ray.get(ref))
@@ -230,10 +240,34 @@ class RayLauncher:
         (or with ``away_from_last``: the last replacement died there before joining, e.g. on a machine
         Ray has not yet marked dead) in a bundle of its own on another Ray node, one with the node's
         pins if any has room, else any."""
+        self.kill(node)
+        with self._lock:
+            self._cancelled.discard(node)
+            thread = threading.Thread(target=self._replace, args=(node, incarnation, away_from_last),
+                                      name=f"skippipe-replace-{node}", daemon=True)
+            self._starting[node] = thread
+        thread.start()
+
+    def _replace(self, node: str, incarnation: int, away_from_last: bool) -> None:
+        """:meth:`replace`'s placement and start, in a thread of its own; a failure leaves the old
+        (exited) run in place, so the executor sees the node fail to join and tries again."""
+        try:
+            self._place_replacement(node, away_from_last)
+            with self._lock:
+                if node in self._cancelled:
+                    return
+                self._spawn(node, incarnation)
+        except Exception as err:  # noqa: BLE001 - reported as a failed join
+            log.warning("replacement for %s was not started: %s: %s", node, type(err).__name__, err)
+        finally:
+            with self._lock:
+                self._starting.pop(node, None)
+                self._cancelled.discard(node)
+
+    def _place_replacement(self, node: str, away_from_last: bool) -> None:
         import ray
         from ray.util.placement_group import placement_group
 
-        self.kill(node)
         last = self.placement.get(node, {}).get("node_id")
         others = [n for n in ray.nodes() if n.get("Alive") and n["NodeID"] != last]
         if away_from_last or not self._responds(last):
@@ -250,10 +284,9 @@ class RayLauncher:
                                  **({"bundle_label_selector": [selector]} if selector else {}))
             self.extra_pgs.append(pg)
             self.bundle_of[node] = (pg, 0)
-            ready, _ = ray.wait([pg.ready()], timeout=10.0)  # the run goes on meanwhile; the actor waits for it
+            ready, _ = ray.wait([pg.ready()], timeout=10.0)  # the actor waits for it if it is not ready yet
             if ready:
                 self._record_placement(pg, [node])
-        self._spawn(node, incarnation)
 
     def _responds(self, ray_node: Optional[str], timeout_s: float = 5.0) -> bool:
         """Whether a Ray node runs a task now: Ray marks a lost machine dead only after missed health
@@ -282,6 +315,9 @@ class RayLauncher:
     def kill(self, node: str) -> None:
         import ray
 
+        with self._lock:
+            if node in self._starting:
+                self._cancelled.add(node)
         actor = self.actors.get(node)
         if actor is not None:
             ray.kill(actor, no_restart=True)
@@ -293,6 +329,11 @@ class RayLauncher:
         import ray
         from ray.util.placement_group import remove_placement_group
 
+        with self._lock:
+            self._cancelled.update(self._starting)
+            starting = list(self._starting.values())
+        for thread in starting:  # none spawns now; wait for their Ray calls to return
+            thread.join(timeout=20.0)
         for node in list(self.actors):
             try:
                 ray.kill(self.actors[node], no_restart=True)

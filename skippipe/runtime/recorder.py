@@ -18,7 +18,7 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Set
 
 from skippipe.errors import UserError
 from skippipe.verify.leaves import loss_leaves, node_state_leaves, route_leaf
@@ -134,16 +134,32 @@ class RunRecorder:
     def _prune(self) -> None:
         from skippipe.verify.checkpoint import list_checkpoints
 
-        keep = self.cfg.checkpoint.keep
-        steps = list_checkpoints(self.out)
-        for old in steps[:-keep] if keep > 0 else []:
-            if old in self.pinned:
-                continue  # a stage restarted from it: the replay needs it
-            shutil.rmtree(self.out / "ckpt" / str(old), ignore_errors=True)
+        ckpt = self.out / "ckpt"
+        stages = lambda step: {f.name for f in (ckpt / str(step)).glob("stage*.pt")}  # noqa: E731
+        for old in prunable(list_checkpoints(self.out), stages, self.cfg.checkpoint.keep, self.pinned):
+            shutil.rmtree(ckpt / str(old), ignore_errors=True)
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def prunable(steps: List[int], stages: Callable[[int], Set[str]], keep: int, pinned: Set[int]) -> List[int]:
+    """Checkpoints (steps, oldest first) that ``checkpoint.keep`` lets go: all but the newest
+    ``keep``, except one a stage restarted from (``pinned``: the replay needs it) and the newest
+    one holding a stage file (``stages(step)``) that no newer kept checkpoint holds (the stage lost
+    every replica; ``fault.rebuild=checkpoint`` restores it from there)."""
+    if keep <= 0 or len(steps) <= keep:
+        return []
+    held = set().union(*(stages(step) for step in steps[-keep:]))
+    out = []
+    for old in reversed(steps[:-keep]):  # newest first
+        files = stages(old)
+        if old in pinned or files - held:
+            held |= files
+        else:
+            out.append(old)
+    return sorted(out)
 
 
 def find_resume_point(out: Path) -> Optional[int]:
