@@ -19,6 +19,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf  # noqa: F401
 from omegaconf import errors as oc_errors
 
 from skippipe.errors import ConfigError
+from skippipe.plan import stages_visited  # noqa: F401 (the formula lives with the path rules)
 
 LAUNCHERS = ("inprocess", "local", "ray")
 METHODS = ("full", "random_skip", "skippipe_nc", "skippipe")
@@ -374,13 +375,9 @@ def from_dict(data: Dict[str, Any]) -> Config:
 
 
 def num_stages(cfg: Config) -> int:
-    return len(cfg.schedule.partition_sizes) or cfg.schedule.num_stages
+    from skippipe.plan import num_stages as of_schedule
 
-
-def stages_visited(num_stages_: int, skip_ratio: float) -> int:
-    """L = S - round(skip_ratio * S), rounding halves up (SkipPipe: 6 stages at 33% -> 4)."""
-    skipped = int(math.floor(skip_ratio * num_stages_ + 0.5 + 1e-9))
-    return num_stages_ - skipped
+    return of_schedule(cfg.schedule)
 
 
 def _choice(value: str, allowed, key: str) -> None:

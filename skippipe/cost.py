@@ -59,10 +59,10 @@ class CostModel:
 
     @classmethod
     def from_config(cls, cfg, spec: ModelSpec, topology: Topology) -> "CostModel":
-        from skippipe.config import num_stages
+        from skippipe.plan import num_stages
 
         c = cfg.cost
-        return cls(topology, spec, num_stages(cfg), cfg.train.samples_per_microbatch,
+        return cls(topology, spec, num_stages(cfg.schedule), cfg.train.samples_per_microbatch,
                    fwd_s_per_sample_layer=c.fwd_s_per_sample_layer, flops_per_s=c.flops_per_s,
                    bwd_factor=c.bwd_factor, loss_factor=c.loss_factor, message_overhead_s=c.message_overhead_s,
                    bytes_per_element=c.bytes_per_element, measured_ewma=c.measured_ewma,

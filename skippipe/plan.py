@@ -24,6 +24,18 @@ PLAN_FORMAT = "skippipe.plan.v1"
 PHASES = ("F", "L", "B")
 
 
+def num_stages(schedule) -> int:
+    """The stage count of a ``schedule`` config section: ``len(partition_sizes)`` if given, else
+    ``num_stages``."""
+    return len(schedule.partition_sizes) or schedule.num_stages
+
+
+def stages_visited(num_stages_: int, skip_ratio: float) -> int:
+    """L = S - round(skip_ratio * S), rounding halves up (SkipPipe: 6 stages at 33% -> 4)."""
+    skipped = int(math.floor(skip_ratio * num_stages_ + 0.5 + 1e-9))
+    return num_stages_ - skipped
+
+
 @dataclass
 class PathRules:
     """SkipPipe path rules (arXiv 2502.19913; DESIGN.md section 5, rules 1-2)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Tuple
 
-from skippipe.plan import PathRules
+from skippipe.plan import PathRules, num_stages, stages_visited
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class SchedulerParams:
     @classmethod
     def from_config(cls, cfg) -> "SchedulerParams":
         s = cfg.schedule
-        return cls(method=s.method, num_stages=len(s.partition_sizes) or s.num_stages,
+        return cls(method=s.method, num_stages=num_stages(s),
                    partition_sizes=tuple(s.partition_sizes), skip_ratio=s.skip_ratio, memory=s.memory,
                    microbatches_per_originator=s.microbatches_per_originator, rules=PathRules.from_config(s),
                    seed=s.seed if s.seed is not None else cfg.run.seed,
@@ -38,8 +38,6 @@ class SchedulerParams:
                    allocation_budget_s=s.allocation_budget_s)
 
     def stages_visited(self, num_stages: int) -> int:
-        from skippipe.config import stages_visited
-
         return stages_visited(num_stages, self.skip_ratio)
 
     def allocator(self, method: str) -> str:
