@@ -73,7 +73,7 @@ def recovery(tmp: Path, steps: int, kill_step: int) -> dict:
             "detect_s": failed["fault/detect_s"], "rebuild_s": failed["fault/rebuild_s"],
             "first_step_done_s": failed["fault/recovered_s"],
             "same_steps": steps_of(clean_m) == steps_of(kill_m), "same_microbatch_ids": ids(clean_r) == ids(kill_r),
-            "final_train_loss_clean": clean_m[-1]["loss/train"], "final_train_loss_kill": kill_m[-1]["loss/train"],
+            "final_train_loss_clean": last_train_loss(clean_m), "final_train_loss_kill": last_train_loss(kill_m),
             "val_loss_clean": clean_m[-1]["loss/val"], "val_loss_kill": kill_m[-1]["loss/val"],
             "generations": kill_m[-2]["cluster/generation"]}
 
@@ -146,6 +146,10 @@ def join(tmp: Path, steps: int) -> dict:
             "microbatches_through_new_node": sum("n6" in mb["path"] or mb["originator"] == "n6"
                                                  for r in after for mb in r["plan"]["microbatches"]),
             "steps_after_join": len(after)}
+
+
+def last_train_loss(metrics: list) -> float:
+    return [m for m in metrics if "loss/train" in m and "loss/val" not in m][-1]["loss/train"]
 
 
 def machine(tmp: Path, seeds) -> dict:

@@ -98,7 +98,7 @@ def test_metrics_jsonl_has_every_name(offline_run):
         # the ledger's chain head (in-process runs record each step at once)
         assert re.fullmatch(r"[0-9a-f]{12}", m["verify/chain"])
     assert final["step"] == 3 and final["ppl/val"] == pytest.approx(math.exp(final["loss/val"]))
-    assert final["loss/train"] == steps[-1]["loss/train"] and final["route/reroutes"] == 0
+    assert "loss/train" not in final and final["route/reroutes"] == 0  # no point for a step that never trained
 
 
 def test_offline_wandb_run_holds_metrics_config_and_plots(offline_run):

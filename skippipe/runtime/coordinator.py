@@ -306,7 +306,9 @@ class Coordinator:
             if summary["control/rejected"]:
                 log.warning("control: %d forged or replayed control values were ignored (control/rejected)",
                             summary["control/rejected"])
-        metrics.log(summary)
+        # the final line holds what this step-less summary adds; the last step's train loss is only
+        # in the summary (logged again at step train.steps it was a point of a step that never trained)
+        metrics.log({k: v for k, v in summary.items() if k != "loss/train"})
         metrics.summary(summary)
         metrics.log_run_outputs(out, step=cfg.train.steps)  # plots/*.png, checkpoint manifests (wandb)
         return summary
