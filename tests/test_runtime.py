@@ -225,12 +225,15 @@ def test_torchrun_entry_runs_two_steps(tmp_path):
 @pytest.mark.slow
 def test_torchrun_restart_resumes_from_checkpoint(tmp_path):
     """A killed rank makes torchrun (--max-restarts=1) restart the group; it resumes from the newest
-    verified checkpoint and its ledger equals an uninterrupted run's."""
+    verified checkpoint and its ledger equals an uninterrupted run's. The routes are the reference
+    run's (``schedule.routes_from``): a live run re-plans on its measured links and nodes, which
+    vary from run to run, and the routes are an input of the computation (DESIGN.md section 5)."""
     common = ["configs/tiny.yaml", *SMALL, "train.steps=6", "checkpoint.every=2"]
     assert main(["train", *common, f"run.dir={tmp_path / 'ref'}", "launcher=inprocess"]) == 0
     env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=6", "--max-restarts=1",
-           "launch/torchrun_main.py", *common, f"run.dir={tmp_path / 'tr'}", "fault.kill.step=4",
+           "launch/torchrun_main.py", *common, f"run.dir={tmp_path / 'tr'}", f"schedule.routes_from={tmp_path / 'ref'}",
+           "fault.kill.step=4",
            "fault.kill.node=n3"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]

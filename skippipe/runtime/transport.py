@@ -83,18 +83,30 @@ class Waiter:
     @staticmethod
     def _serve(jobs) -> None:
         while True:
-            work, errors, done = jobs.get()
+            works, finished, errors, done = jobs.get()
             try:
-                work.wait()
+                for work in works:
+                    work.wait()
+                    finished.append(time.time())
             except BaseException as err:  # handed to the caller
                 errors.append(err)
             done.set()
 
     def wait(self, work, timeout_s: float, should_abort: Optional[Callable[[], bool]] = None,
              what: str = "operation") -> None:
+        _, error = self.wait_all([work], timeout_s, should_abort, what)
+        if error is not None:
+            raise error
+
+    def wait_all(self, works: list, timeout_s: float, should_abort: Optional[Callable[[], bool]] = None,
+                 what: str = "operation") -> Tuple[List[float], Optional[BaseException]]:
+        """Wait for ``works`` in order with one hand-off to the helper thread (a message's header
+        and payload, a step's sends). Returns the wall-clock time each one completed and the error
+        that stopped the rest (None: all done); abandoning the step or the timeout raise."""
+        finished: List[float] = []
         errors: list = []
         done = threading.Event()
-        self._jobs.put((work, errors, done))
+        self._jobs.put((works, finished, errors, done))
         deadline = time.monotonic() + timeout_s
         while not done.wait(0.2):
             if should_abort is not None and should_abort():
@@ -103,8 +115,7 @@ class Waiter:
             if time.monotonic() > deadline:
                 self._start()
                 raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        if errors:
-            raise errors[0]
+        return finished, errors[0] if errors else None
 
 
 @dataclass
@@ -185,47 +196,61 @@ class Transport:
     def flush(self) -> None:
         """Wait for every outstanding send (end of step); buffers stay referenced until then."""
         pending, self._pending = self._pending, []
-        for work, _ in pending:
-            self.waiter.wait(work, self.timeout.total_seconds(), self.should_abort, "a send to complete")
+        if pending:
+            _, error = self.waiter.wait_all([work for work, _ in pending], self.timeout.total_seconds(),
+                                            self.should_abort, "the step's sends to complete")
+            if error is not None:
+                raise error
 
     # -- receive ----------------------------------------------------------------------------
     def recv(self, src: str, step: int, microbatch_id: int, kind: int, shape: Tuple[int, ...],
              dtype: torch.dtype) -> torch.Tensor:
-        """Receive the message the plan expects from ``src``; check its header; emulate the link."""
+        """Receive the message the plan expects from ``src``; check its header; emulate the link.
+
+        Both parts are posted at once (the plan gives the payload's shape) and waited for with one
+        hand-off; the header is checked before any error of the payload is reported, so a peer that
+        sends the wrong shape is named as the sender of a bad message."""
         tag = message_tag(microbatch_id, kind)
         peer = self.rank_of[src]
         start, posted = time.perf_counter(), time.time()
         header = torch.empty(HEADER_LEN, dtype=torch.float64, device=self.device)
-        self._wait(self.pg.recv([header], peer, tag), src, "header", microbatch_id, kind)
-        what = f"{KIND_NAMES[kind]} of microbatch {microbatch_id} (step {step}) from node {src}"
-        values = header.cpu().tolist()
-        self._check_header(values, step, microbatch_id, kind, shape, dtype, what, src)
         payload = torch.empty(shape, dtype=dtype, device=self.device)
-        sent_at, nbytes = values[-1], payload.numel() * payload.element_size()
-        emulate = self.links is not None and src != self.me
-        # the receiver waited for the message iff it posted the receive before it was sent, or it
-        # sleeps for the emulated delivery
-        waited = sent_at >= posted
-        if emulate:
-            header_at, payload_at = self._emulated_delivery(src, sent_at, nbytes)
-            waited = self._sleep_until(header_at) or waited
-        header_s = time.time() - sent_at if waited else None
-        self._wait(self.pg.recv([payload], peer, tag), src, "payload", microbatch_id, kind)
-        if emulate:
-            waited = self._sleep_until(payload_at) or waited
-        if src != self.me:
-            self.link_samples.append(LinkSample(src, header_s, time.time() - sent_at if waited else None, nbytes))
-        self.recv_wait_s += time.perf_counter() - start
-        return payload
-
-    def _wait(self, work, src: str, part: str, microbatch_id: int, kind: int) -> None:
-        what = f"the {KIND_NAMES[kind]} {part} of microbatch {microbatch_id} from node {src}"
+        what = f"{KIND_NAMES[kind]} of microbatch {microbatch_id} (step {step}) from node {src}"
         try:
-            self.waiter.wait(work, self.timeout.total_seconds(), self.should_abort, what)
+            arrived, error = self.waiter.wait_all([self.pg.recv([header], peer, tag), self.pg.recv([payload], peer, tag)],
+                                                  self.timeout.total_seconds(), self.should_abort, f"the {what}")
         except Aborted:
             raise
         except (RuntimeError, TimeoutError) as err:
-            raise TransportError(f"receiving {what} failed: {str(err).splitlines()[0]}", peer=src) from None
+            raise TransportError(f"receiving the {what} failed: {str(err).splitlines()[0]}", peer=src) from None
+        if not arrived:
+            raise TransportError(f"receiving the {what} failed: {str(error).splitlines()[0]}", peer=src)
+        values = header.cpu().tolist()
+        self._check_header(values, step, microbatch_id, kind, shape, dtype, what, src)
+        if error is not None:
+            raise TransportError(f"receiving the payload of the {what} failed: {str(error).splitlines()[0]}",
+                                 peer=src)
+        if src != self.me:
+            self.link_samples.append(self._delivered(src, values[-1], posted, arrived, payload))
+        self.recv_wait_s += time.perf_counter() - start
+        return payload
+
+    def _delivered(self, src: str, sent_at: float, posted: float, arrived: List[float],
+                   payload: torch.Tensor) -> LinkSample:
+        """Hold the message until the emulated link delivers it; its one-way times. The receiver
+        waited for the message iff it posted the receive before it was sent, or the emulated
+        delivery is later than the real one (it sleeps for it)."""
+        nbytes = payload.numel() * payload.element_size()
+        header_got, payload_got = arrived
+        waited = sent_at >= posted
+        if self.links is not None:
+            header_at, payload_at = self._emulated_delivery(src, sent_at, nbytes)
+            waited = waited or header_at > header_got
+            header_got = max(header_got, header_at)
+            if self._sleep_until(payload_at):
+                waited, payload_got = True, payload_at
+        header_s = header_got - sent_at if waited else None
+        return LinkSample(src, header_s, payload_got - sent_at if waited else None, nbytes)
 
     @staticmethod
     def _check_header(values, step, microbatch_id, kind, shape, dtype, what, src) -> None:

@@ -120,13 +120,13 @@ class GradAccumulator:
             part = self.pending.get(mb)
             if part is None or "done" not in part:
                 break
-            flat = torch.zeros_like(self.total)
+            # in place, slice by slice: the same additions as ``total + flat`` element by element
+            # (every parameter of the stage gets a gradient from phase L or B of each microbatch)
             for key, grad in part.items():
                 if key == "done":
                     continue
                 offset, numel = self._index[key]
-                flat[offset:offset + numel] = grad.reshape(-1)
-            self.total = self.total + flat
+                self.total[offset:offset + numel].add_(grad.reshape(-1))
             del self.pending[mb]
             self.next_index += 1
 
@@ -162,9 +162,11 @@ def clip_coefficient(stage_sq_norms: List[torch.Tensor], max_norm: float) -> Tup
 
 
 def set_flat_grads(stage: Stage, flat_grad: torch.Tensor) -> None:
+    """Each parameter's ``.grad`` becomes a view into ``flat_grad`` (no copy: the optimizer only
+    reads gradients, and ``zero_grad(set_to_none=True)`` drops the views after the step)."""
     offset = 0
     for p in stage.parameters():
-        p.grad = flat_grad[offset:offset + p.numel()].view_as(p).clone()
+        p.grad = flat_grad[offset:offset + p.numel()].view_as(p)
         offset += p.numel()
 
 
