@@ -394,6 +394,29 @@ def check_config(cfg: Config) -> None:
     """Cross-field checks, once at startup; each failure names the key, the numbers and the fix."""
     from skippipe.model.presets import resolve_model_spec
 
+    _check_choices(cfg)
+    _check_numbers(cfg)
+    stages = num_stages(cfg)
+    _positive(stages, "schedule.num_stages")
+    spec = resolve_model_spec(cfg.model, vocab_size=cfg.model.vocab_size or 256)
+    if stages > spec.n_layers:
+        raise ConfigError(
+            f"{stages} stages > model.n_layers={spec.n_layers}: every stage needs a layer; "
+            f"set schedule.num_stages <= {spec.n_layers} or raise model.n_layers")
+    if not 0.0 <= cfg.schedule.skip_ratio < 1.0:
+        raise ConfigError(f"schedule.skip_ratio={cfg.schedule.skip_ratio} must be in [0, 1)")
+    visited = stages_visited(stages, cfg.schedule.skip_ratio)
+    if visited < 2 and stages >= 2:
+        raise ConfigError(
+            f"schedule.skip_ratio={cfg.schedule.skip_ratio} leaves {visited} of {stages} stages per "
+            f"microbatch; at least 2 must be visited: lower schedule.skip_ratio")
+    _check_paths(cfg)
+    _check_fault(cfg)
+    _check_run(cfg)
+
+
+def _check_choices(cfg: Config) -> None:
+    """Every key with a fixed set of values holds one of them (a YAML boolean false reads as verify.level=off)."""
     if cfg.verify.level in ("False", "false"):  # YAML reads a bare `off` as the boolean false
         cfg.verify.level = "off"
     _choice(cfg.launcher, LAUNCHERS, "launcher")
@@ -405,6 +428,10 @@ def check_config(cfg: Config) -> None:
     _choice(cfg.data.tokenizer, TOKENIZERS, "data.tokenizer")
     _choice(cfg.fault.corrupt.tensor, ("param", "grad", "act", "op"), "fault.corrupt.tensor")
     _choice(cfg.fault.rebuild, ("init", "checkpoint", "checkfree"), "fault.rebuild")
+
+
+def _check_numbers(cfg: Config) -> None:
+    """The training, schedule and runtime numbers are in range, and resume and overwrite do not clash."""
     _finite_positive(cfg.train.lr, "train.lr", "e.g. train.lr=3e-3")
     if not (math.isfinite(cfg.fault.heartbeat_s) and cfg.fault.heartbeat_s > 0):
         raise ConfigError(f"fault.heartbeat_s={cfg.fault.heartbeat_s} must be a number of seconds > 0, e.g. 2.0")
@@ -421,20 +448,10 @@ def check_config(cfg: Config) -> None:
         raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be in (0, 1)")
     if any(size <= 0 for size in cfg.schedule.partition_sizes):
         raise ConfigError(f"schedule.partition_sizes={list(cfg.schedule.partition_sizes)} must be all > 0")
-    stages = num_stages(cfg)
-    _positive(stages, "schedule.num_stages")
-    spec = resolve_model_spec(cfg.model, vocab_size=cfg.model.vocab_size or 256)
-    if stages > spec.n_layers:
-        raise ConfigError(
-            f"{stages} stages > model.n_layers={spec.n_layers}: every stage needs a layer; "
-            f"set schedule.num_stages <= {spec.n_layers} or raise model.n_layers")
-    if not 0.0 <= cfg.schedule.skip_ratio < 1.0:
-        raise ConfigError(f"schedule.skip_ratio={cfg.schedule.skip_ratio} must be in [0, 1)")
-    visited = stages_visited(stages, cfg.schedule.skip_ratio)
-    if visited < 2 and stages >= 2:
-        raise ConfigError(
-            f"schedule.skip_ratio={cfg.schedule.skip_ratio} leaves {visited} of {stages} stages per "
-            f"microbatch; at least 2 must be visited: lower schedule.skip_ratio")
+
+
+def _check_paths(cfg: Config) -> None:
+    """The data, topology and route-log files the config names exist (and hf data names a dataset)."""
     if cfg.data.source in ("files", "tokens"):
         _check_data_path(cfg.data.path, f"data.path (data.source={cfg.data.source})")
     if cfg.data.source == "hf" and not cfg.data.hf_name:
@@ -445,6 +462,10 @@ def check_config(cfg: Config) -> None:
     if cfg.schedule.routes_from is not None and not (Path(cfg.schedule.routes_from) / "routes.jsonl").is_file():
         raise ConfigError(f"schedule.routes_from: '{cfg.schedule.routes_from}/routes.jsonl' does not exist; "
                           "point it at a finished run directory")
+
+
+def _check_fault(cfg: Config) -> None:
+    """The fault injections are well formed: factors and steps in range, nodes and links named, pairs complete."""
     for node, factor in cfg.fault.slow_nodes.items():
         if factor <= 0:
             raise ConfigError(f"fault.slow_nodes.{node}={factor} must be > 0 (5.0 means five times slower)")
@@ -460,6 +481,10 @@ def check_config(cfg: Config) -> None:
         raise ConfigError("fault.error needs both step and node, e.g. fault.error.step=2 fault.error.node=n1")
     if (cfg.fault.corrupt.step is None) != (cfg.fault.corrupt.node is None):
         raise ConfigError("fault.corrupt needs both step and node, e.g. fault.corrupt.step=7 fault.corrupt.node=n2")
+
+
+def _check_run(cfg: Config) -> None:
+    """The run's thread count, name and Ray join template are valid."""
     if cfg.run.threads <= 0:
         raise ConfigError(f"run.threads={cfg.run.threads} must be >= 1")
     template = cfg.ray.join_template

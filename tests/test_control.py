@@ -87,7 +87,7 @@ def test_silence_counts_only_time_watched_and_ignores_wall_clock_steps(monkeypat
     def beat(advance_s):  # the worker beats (its own wall clock), the coordinator checks after advance_s
         worker.heartbeat("n0")
         clock["mono"] += advance_s
-        return executor._silent(["n0"])
+        return executor.heartbeats.silent(["n0"])
 
     assert beat(0.05) == [] and beat(60.0) == []  # the coordinator stalled for a minute: not the worker's fault
     clock["wall"] -= 3600.0  # NTP steps the clock back an hour: the beats still count (and are not replays)
@@ -95,7 +95,7 @@ def test_silence_counts_only_time_watched_and_ignores_wall_clock_steps(monkeypat
     clock["wall"] += 7200.0
     assert beat(0.05) == []
     checks = 0
-    while not executor._silent(["n0"]):  # the worker stops beating; the coordinator watches
+    while not executor.heartbeats.silent(["n0"]):  # the worker stops beating; the coordinator watches
         clock["mono"] += 0.05
         checks += 1
         assert checks < 1000

@@ -92,3 +92,31 @@ def test_pure_modules_import_neither_the_runtime_nor_the_config():
     within = lambda m, prefixes: any(m == p or m.startswith(p + ".") for p in prefixes)  # noqa: E731
     bad = {m: sorted(d for d in deps if within(d, FORBIDDEN_FOR_PURE)) for m, deps in graph.items() if within(m, PURE)}
     assert not {m: d for m, d in bad.items() if d}, bad
+
+
+MAX_FUNCTION_LINES, MAX_CLASS_LINES = 60, 250  # issue 18: one concern per function and class
+
+
+def oversized(source: str, where: str = "") -> List[str]:
+    """Functions over MAX_FUNCTION_LINES and classes over MAX_CLASS_LINES lines (docstring included)."""
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        limit = (MAX_FUNCTION_LINES if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+                 else MAX_CLASS_LINES if isinstance(node, ast.ClassDef) else None)
+        if limit is not None and node.end_lineno - node.lineno + 1 > limit:
+            out.append(f"{where}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    return out
+
+
+def test_the_size_check_sees_a_long_function_and_class():
+    long_function = "def f():\n" + "    x = 1\n" * MAX_FUNCTION_LINES
+    long_class = "class C:\n" + "    x = 1\n" * MAX_CLASS_LINES
+    assert oversized(long_function) == [f":1 f ({MAX_FUNCTION_LINES + 1} lines)"]
+    assert oversized(long_class) == [f":1 C ({MAX_CLASS_LINES + 1} lines)"]
+    assert oversized("def f():\n" + "    x = 1\n" * (MAX_FUNCTION_LINES - 1)) == []
+
+
+def test_no_function_over_60_lines_and_no_class_over_250():
+    found = [hit for p in sorted((ROOT / "skippipe").rglob("*.py"))
+             for hit in oversized(p.read_text(), str(p.relative_to(ROOT)))]
+    assert not found, "too long: " + "; ".join(found)

@@ -7,9 +7,9 @@ import pytest
 from skippipe.cost import CostModel
 from skippipe.model.presets import ModelSpec
 from skippipe.plan import Plan
+from skippipe.runtime.inject import slow_links_at
 from skippipe.runtime.links import CONFIRM_STEPS, LinkWatch, step_links
 from skippipe.runtime.transport import LinkSample, link_estimates
-from skippipe.runtime.worker import slow_links_at
 from skippipe.topology import Topology, split_link
 
 

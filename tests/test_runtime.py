@@ -52,14 +52,14 @@ def test_local_equals_inprocess_bitwise(tmp_path, method):
 
 
 def test_worker_error_surfaces_in_coordinator(tmp_path, capsys):
-    start = time.monotonic()
     code = main(["train", "configs/tiny.yaml", *SMALL, "train.steps=4", f"run.dir={tmp_path}", "launcher=local",
                  "fault.error.step=1", "fault.error.node=n3"])
     err = capsys.readouterr().err
     assert code == 1
     line = [x for x in err.splitlines() if x.startswith("error:")][-1]
     assert "worker n3" in line and "injected error" in line
-    assert time.monotonic() - start < 60  # an error, not a hang until a timeout
+    # the error itself, not a hang until a timeout blames someone for silence
+    assert not any(w in line for w in ("no report", "timed out", "no heartbeat")), line
 
 
 def test_killed_worker_is_routed_around_and_step_redone(tmp_path):

@@ -35,7 +35,8 @@ def steps_lines(run):
 
 @pytest.fixture(scope="module")
 def honest(tmp_path_factory):
-    """An honest in-process run (its ledger equals a local run's for the same routes)."""
+    """An honest in-process run (its ledger equals a local run's for the same routes: the local runs
+    replay its routes with ``schedule.routes_from``, since a live run re-plans on measured links)."""
     return train(tmp_path_factory.mktemp("honest") / "run", "launcher=inprocess")
 
 
@@ -48,7 +49,8 @@ def allocation():
 def test_identical_runs_give_identical_ledgers(honest, tmp_path):
     again = train(tmp_path / "again", "launcher=inprocess")
     assert steps_lines(again) == steps_lines(honest)
-    local = train(tmp_path / "local", "launcher=local")  # another launcher, same bits
+    # another launcher, same bits for the same routes (a live run re-plans on its measured links)
+    local = train(tmp_path / "local", "launcher=local", f"schedule.routes_from={honest}")
     assert steps_lines(local) == steps_lines(honest)
 
 
@@ -56,7 +58,7 @@ def test_identical_runs_give_identical_ledgers(honest, tmp_path):
 def test_corrupted_worker_is_located(honest, allocation, tmp_path, capsys, step, stage, tensor):
     node = allocation[stage][0]
     bad = train(tmp_path / "bad", "launcher=local", f"fault.corrupt.step={step}", f"fault.corrupt.node={node}",
-                f"fault.corrupt.tensor={tensor}")
+                f"fault.corrupt.tensor={tensor}", f"schedule.routes_from={honest}")
     code, report = verify(capsys, bad, "--against", honest)
     assert code == 1 and report["ok"] is False
     assert report["first_divergent_step"] == step
@@ -104,7 +106,7 @@ def test_resume_reproduces_the_uninterrupted_ledger(honest, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(honest, run)
     shutil.rmtree(run / "ckpt" / "3")  # as if the run had died after step 2: resume from ckpt/1
-    train(run, "launcher=local", "run.resume=true")
+    train(run, "launcher=local", "run.resume=true", f"schedule.routes_from={honest}")
     assert steps_lines(run) == steps_lines(honest)
     metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "loss/val" not in m] == [0, 1, 2, 3, 4]
@@ -119,7 +121,7 @@ def test_different_thread_counts_are_not_comparable(honest, tmp_path, capsys):
 def test_operator_pinning_names_the_faulty_op(honest, allocation, tmp_path, capsys):
     node = allocation[1][0]
     bad = train(tmp_path / "bad", "launcher=local", "fault.corrupt.step=1", f"fault.corrupt.node={node}",
-                "fault.corrupt.tensor=op", "fault.corrupt.op=blocks.1.gate_up")
+                "fault.corrupt.tensor=op", "fault.corrupt.op=blocks.1.gate_up", f"schedule.routes_from={honest}")
     code, report = verify(capsys, bad, "--against", honest, "--ops")
     assert code == 1 and report["first_divergent_step"] == 1
     assert report["ops"]["operator"] == "blocks.1.gate_up", report["ops"]
@@ -131,7 +133,7 @@ def test_ops_on_state_level_runs_says_it_needs_full(allocation, tmp_path, capsys
     node = allocation[1][0]
     honest = train(tmp_path / "honest", "launcher=inprocess", "train.steps=2", "verify.level=states")
     bad = train(tmp_path / "bad", "launcher=local", "train.steps=2", "verify.level=states", "fault.corrupt.step=1",
-                f"fault.corrupt.node={node}", "fault.corrupt.tensor=grad")
+                f"fault.corrupt.node={node}", "fault.corrupt.tensor=grad", f"schedule.routes_from={honest}")
     code, report = verify(capsys, bad, "--against", honest, "--ops")
     assert code == 1 and report["first_divergent_step"] == 1
     assert report["ops"]["operator"] is None

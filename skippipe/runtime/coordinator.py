@@ -22,6 +22,7 @@ import torch
 
 from skippipe.config import Config, run_dir, to_yaml
 from skippipe.plan import Plan, write_text_atomic
+from skippipe.runtime import node_state
 from skippipe.runtime.faults import FaultMonitor
 from skippipe.runtime.outcome import StepOutcome
 from skippipe.runtime.predict import Predictor, step_timings
@@ -89,20 +90,11 @@ class InProcessExecutor:
 
     def finish(self, out: Path, checkpoint: Optional[dict] = None):
         written = self._checkpoint(checkpoint)
-        _save_stages(out / "final", self.reference.stages)
+        node_state.save_final(self.reference.stages, out / "final")
         return self.reference.stages, {}, written
 
     def close(self) -> None:
         pass
-
-
-def _save_stages(target: Path, stages) -> None:
-    """Tensors only, so they load with torch.load(weights_only=True); temp name then rename."""
-    target.mkdir(parents=True, exist_ok=True)
-    for k, stage in stages.items():
-        tmp = target / f".stage{k}.pt.tmp"
-        torch.save({name: t.detach().cpu() for name, t in stage.state_dict().items()}, tmp)
-        tmp.replace(target / f"stage{k}.pt")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,8 +216,9 @@ class Coordinator:
         return step + 1
 
     def _loop(self, planner, executor, data, spec, metrics, routes, out: Path) -> Dict[str, Any]:
-        from skippipe.metrics import Progress, cluster_stats
-        from skippipe.train.evaluate import evaluate, load_stages
+        """The steps (each redone on failure), their records written while the next one runs; then
+        :meth:`_finish`."""
+        from skippipe.metrics import Progress
         from skippipe.train.optim import lr_at
 
         cfg = self.cfg
@@ -268,14 +261,8 @@ class Coordinator:
                 generation = monitor.generation
                 self.predictor.observe(planner.cost, outcome.node_reports, plan, iter_s, warm)
                 monitor.after_step(planner, outcome, plan, step, warm)
-                record = {"step": step, "loss/train": outcome.loss, "lr": lr, "grad_norm": outcome.grad_norm,
-                          "time/iter_s": iter_s, "time/predicted_iter_s": predicted.pop("s", None),
-                          "time/planned_iter_s": plan.predicted_makespan_s,
-                          "time/plan_s": planner.last_plan_s, "throughput/tokens_per_s": step_tokens / iter_s,
-                          **route_stats(plan), **measured_stats(outcome, plan, iter_s),
-                          **cluster_stats(planner, plan, monitor.generation, monitor.reroutes, chain=recorder.chain),
-                          **monitor.metrics(),
-                          **({"control/rejected": executor.rejected()} if hasattr(executor, "rejected") else {})}
+                record = self._step_record(planner, executor, step, lr, plan, outcome, iter_s,
+                                           predicted.pop("s", None), step_tokens)
                 if outcome.rebuilt:
                     plan = replace(plan, extra={**plan.extra, "rebuilt": outcome.rebuilt})
                 pending.append(partial(self._log_step, metrics, routes, bar, record, plan, outcome,
@@ -284,6 +271,32 @@ class Coordinator:
             while pending:
                 pending.pop(0)()
         bar.close()
+        return self._finish(planner, executor, data, spec, metrics, out, checkpoint,
+                            {"loss/train": record.get("loss/train"), "time/wall_s": time.perf_counter() - start,
+                             "tokens": tokens})
+
+    def _step_record(self, planner, executor, step: int, lr: float, plan: Plan, outcome: StepOutcome,
+                     iter_s: float, predicted_s: Optional[float], step_tokens: int) -> Dict[str, Any]:
+        """One step's metrics line."""
+        from skippipe.metrics import cluster_stats
+
+        monitor = self.monitor
+        return {"step": step, "loss/train": outcome.loss, "lr": lr, "grad_norm": outcome.grad_norm,
+                "time/iter_s": iter_s, "time/predicted_iter_s": predicted_s,
+                "time/planned_iter_s": plan.predicted_makespan_s,
+                "time/plan_s": planner.last_plan_s, "throughput/tokens_per_s": step_tokens / iter_s,
+                **route_stats(plan), **measured_stats(outcome, plan, iter_s),
+                **cluster_stats(planner, plan, monitor.generation, monitor.reroutes, chain=self.recorder.chain),
+                **monitor.metrics(),
+                **({"control/rejected": executor.rejected()} if hasattr(executor, "rejected") else {})}
+
+    def _finish(self, planner, executor, data, spec, metrics, out: Path, checkpoint: Optional[dict],
+                totals: Dict[str, Any]) -> Dict[str, Any]:
+        """After the last step: the final model and state, validation loss, the summary line."""
+        from skippipe.train.evaluate import evaluate, load_stages
+
+        cfg, recorder, monitor = self.cfg, self.recorder, self.monitor
+        samples = cfg.train.samples_per_microbatch
         stages, final_reports, written = executor.finish(out, checkpoint)
         recorder.add_state(final_reports)
         recorder.flush(cfg.train.steps - 1)
@@ -296,9 +309,8 @@ class Coordinator:
                 log.warning("stages %s lost every replica and were not replaced; validation skips them", lost)
         val = evaluate(stages, data.val_batches(cfg.train.eval_batches, samples, spec.seq_len),
                        device=next(iter(stages.values())).embed.weight.device if 0 in stages else "cpu")
-        summary = {"step": cfg.train.steps, "loss/val": val, "ppl/val": math.exp(val),
-                   "loss/train": record.get("loss/train"), "time/wall_s": time.perf_counter() - start,
-                   "tokens": tokens, "route/reroutes": monitor.reroutes,
+        summary = {"step": cfg.train.steps, "loss/val": val, "ppl/val": math.exp(val), **totals,
+                   "route/reroutes": monitor.reroutes,
                    "route/replans": monitor.replans,
                    **({"verify/chain": recorder.chain[:12]} if recorder.chain else {})}
         if hasattr(executor, "rejected"):

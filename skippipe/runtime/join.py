@@ -17,6 +17,7 @@ behind. A second run with the same name on the same cluster is refused at start.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import sys
 import time
@@ -25,6 +26,7 @@ from typing import Any, Dict, List, Optional
 from skippipe.errors import RunFailed, UserError
 
 NAMESPACE = "skippipe"
+log = logging.getLogger("skippipe")
 
 
 def mailbox_name(run_name: str) -> str:
@@ -189,3 +191,62 @@ def wait_join(request: Dict[str, Any], until: str = "joined", timeout_s: float =
             raise RunFailed(f"after {timeout_s:.0f} s node '{name}' is still '{status['status']}' in run "
                             f"'{run_name}' (waited for '{until}'); the request stays with the run")
         time.sleep(poll_s)
+
+
+class RayJoins:
+    """A Ray run's side of joining: its mailbox, and with ``ray.autojoin`` a join request for each
+    Ray node that joins the cluster (``ray.join_template``), answered like ``skippipe join``."""
+
+    def __init__(self, cfg, seen_ray_nodes):
+        self.cfg = cfg
+        self.seen_ray_nodes = set(seen_ray_nodes)  # Ray node ids present at the start (never admitted)
+        self.mailbox = None
+
+    def open(self) -> None:
+        self.mailbox = open_mailbox(self.cfg.run.name)
+
+    def requests(self) -> List[Dict[str, Any]]:
+        """The mailbox's new requests; with ``ray.autojoin``, first one per Ray node that joined the
+        cluster since the last call (through the mailbox, so it is answered like ``skippipe join``)."""
+        import ray
+
+        if self.mailbox is None:
+            return []
+        if self.cfg.ray.autojoin:
+            for spec in self._new_ray_nodes():
+                log.warning("ray.autojoin: Ray node %s (%s) joined the cluster; asking to add it as node %s "
+                            "(region %s)", spec["ray_node_id"][:8], spec["node_ip"], spec["name"], spec["region"])
+                self.mailbox.request.remote(spec)  # the same caller's calls run in order: taken below
+        return ray.get(self.mailbox.take.remote())
+
+    def _new_ray_nodes(self) -> List[Dict[str, Any]]:
+        """Join requests (``ray.join_template``) for the live Ray nodes not seen before."""
+        import ray
+
+        template, out = self.cfg.ray.join_template, []
+        for info in ray.nodes():
+            node_id = info["NodeID"]
+            if not info.get("Alive") or node_id in self.seen_ray_nodes:
+                continue
+            self.seen_ray_nodes.add(node_id)
+            region = template.region
+            if region == "from-label":
+                region = info.get("Labels", {}).get(template.region_label)
+                if region is None:
+                    log.warning("ray.autojoin: Ray node %s has no label '%s' (ray.join_template.region_label); "
+                                "not added", node_id[:8], template.region_label)
+                    continue
+            stage = None if str(template.stage) == "auto" else int(template.stage)
+            spec = node_spec(f"{template.name_prefix}-{node_id[:6]}", region, template.speed, template.memory_gb,
+                             stage, node_ip=info.get("NodeManagerAddress"))
+            out.append({**spec, "ray_node_id": node_id})
+        return out
+
+    def answer(self, request_id: int, status: str, **info) -> None:
+        if self.mailbox is not None:
+            self.mailbox.update.remote(request_id, status, **info)
+
+    def close(self) -> None:
+        if self.mailbox is not None:
+            close_mailbox(self.mailbox, self.cfg.run.name)
+            self.mailbox = None

@@ -97,12 +97,13 @@ class RayLauncher:
         self.extra_pgs: List[Any] = []
         self.placement: Dict[str, Dict[str, str]] = {}  # topology node -> {node_id, node_ip} of its Ray node
         self._record_placement(self.pg, self.nodes)
-        self.seen_ray_nodes = {n["NodeID"] for n in ray.nodes()}
-        self._probed: Dict[str, Any] = {}  # Ray node id -> (when, responded) of the last liveness probe  # ray.autojoin admits Ray nodes not among them
+        from skippipe.runtime.join import RayJoins
+
+        self.joins = RayJoins(cfg, {n["NodeID"] for n in ray.nodes()})  # ray.autojoin admits Ray nodes not among them
+        self._probed: Dict[str, Any] = {}  # Ray node id -> (when, responded) of the last liveness probe
         self.actor_cls = ray.remote(WorkerActor)
         self.actors: Dict[str, Any] = {}
         self.runs: Dict[str, Any] = {}
-        self.mailbox = None
         # replacements being placed in the background (a liveness probe and a placement group can
         # take seconds; the redone step should not wait for them): node -> its thread
         self._lock = threading.Lock()
@@ -150,52 +151,13 @@ class RayLauncher:
 
     # -- nodes added to the running job -------------------------------------------------------
     def open_mailbox(self) -> None:
-        from skippipe.runtime.join import open_mailbox
-
-        self.mailbox = open_mailbox(self.cfg.run.name)
+        self.joins.open()
 
     def join_requests(self) -> List[Dict[str, Any]]:
-        """The mailbox's new requests; with ``ray.autojoin``, first one per Ray node that joined the
-        cluster since the last call (through the mailbox, so it is answered like ``skippipe join``)."""
-        import ray
-
-        if self.mailbox is None:
-            return []
-        if self.cfg.ray.autojoin:
-            for spec in self._new_ray_nodes():
-                log.warning("ray.autojoin: Ray node %s (%s) joined the cluster; asking to add it as node %s "
-                            "(region %s)", spec["ray_node_id"][:8], spec["node_ip"], spec["name"], spec["region"])
-                self.mailbox.request.remote(spec)  # the same caller's calls run in order: taken below
-        return ray.get(self.mailbox.take.remote())
-
-    def _new_ray_nodes(self) -> List[Dict[str, Any]]:
-        """Join requests (``ray.join_template``) for the live Ray nodes not seen before."""
-        import ray
-
-        from skippipe.runtime.join import node_spec
-
-        template, out = self.cfg.ray.join_template, []
-        for info in ray.nodes():
-            node_id = info["NodeID"]
-            if not info.get("Alive") or node_id in self.seen_ray_nodes:
-                continue
-            self.seen_ray_nodes.add(node_id)
-            region = template.region
-            if region == "from-label":
-                region = info.get("Labels", {}).get(template.region_label)
-                if region is None:
-                    log.warning("ray.autojoin: Ray node %s has no label '%s' (ray.join_template.region_label); "
-                                "not added", node_id[:8], template.region_label)
-                    continue
-            stage = None if str(template.stage) == "auto" else int(template.stage)
-            spec = node_spec(f"{template.name_prefix}-{node_id[:6]}", region, template.speed, template.memory_gb,
-                             stage, node_ip=info.get("NodeManagerAddress"))
-            out.append({**spec, "ray_node_id": node_id})
-        return out
+        return self.joins.requests()
 
     def answer(self, request_id: int, status: str, **info) -> None:
-        if self.mailbox is not None:
-            self.mailbox.update.remote(request_id, status, **info)
+        self.joins.answer(request_id, status, **info)
 
     def add(self, node: str, spec: Dict[str, Any]) -> None:
         """Start a worker for a node that was not in the topology, in a placement group of its own
@@ -341,11 +303,7 @@ class RayLauncher:
                 pass
         for pg in [self.pg, *self.extra_pgs]:
             remove_placement_group(pg)
-        if self.mailbox is not None:
-            from skippipe.runtime.join import close_mailbox
-
-            close_mailbox(self.mailbox, self.cfg.run.name)
-            self.mailbox = None
+        self.joins.close()
 
 
 def check_pins(pins: Dict[str, Dict[str, Any]], ray_nodes: List[Dict[str, Any]]) -> None:

@@ -17,20 +17,16 @@ import logging
 import threading
 import time
 from datetime import timedelta
-from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Set
 
 from skippipe.config import Config, to_dict
 from skippipe.errors import RunFailed, UserError
 from skippipe.plan import Plan
+from skippipe.runtime.admission import stage_sources, verified_checkpoint
+from skippipe.runtime.heartbeats import HeartbeatWatch
 
 log = logging.getLogger("skippipe")
 CHECK_EVERY_S = 0.05  # how often the coordinator looks for dead or silent workers while it waits
-# a worker's silence is counted on the coordinator's monotonic clock, and one check adds at most
-# this much to it: a coordinator (or a whole machine) that did not run for a while, or a wall clock
-# stepped by NTP, is not the workers' silence (a CI run once dropped all six workers of a healthy
-# run at once for "no heartbeat for 10 s")
-MAX_SILENCE_PER_CHECK_S = 0.5
 
 
 class WorkerFailed(RunFailed):
@@ -109,9 +105,7 @@ class RemoteExecutor:
         # fails still carried them (survivors report them with their error), so they are kept for
         # the ledger until a command succeeds
         self.carried_states: Dict[str, Dict[str, Any]] = {}
-        self.last_beat: Dict[str, float] = {}  # node -> value of its last authentic heartbeat
-        self.silence: Dict[str, float] = {}  # node -> seconds watched since its heartbeat last changed
-        self._last_check: Optional[float] = None  # monotonic time of the last silence check
+        self.heartbeats = HeartbeatWatch(control, cfg.fault.heartbeat_s)
         self.worker_rejected: Dict[str, int] = {}  # node -> forged control values its worker ignored
         self.finished = False
         self._doorbell = Doorbell(control)
@@ -173,7 +167,7 @@ class RemoteExecutor:
         dead: Dict[str, str] = {}
         rang = self._doorbell.watch(index, timeout_s)
         next_check = 0.0
-        self._last_check = None  # the time between steps was not spent watching
+        self.heartbeats.start_watching()  # the time between steps was not spent watching
         while pending:
             # read the reports when the last member rang the doorbell, and look for failed, dead or
             # silent workers every CHECK_EVERY_S meanwhile (polling every key of every worker every
@@ -196,8 +190,8 @@ class RemoteExecutor:
                     else:
                         dead[node] = f"process exited with code {exited[node]}"
                     pending.discard(node)
-                for node in self._silent(pending):
-                    dead[node] = f"no heartbeat for {self._heartbeat_limit_s():.0f} s"
+                for node in self.heartbeats.silent(pending):
+                    dead[node] = f"no heartbeat for {self.heartbeats.limit_s:.0f} s"
                     pending.discard(node)
             failed = dead or any(not r.get("ok", False) for r in reports.values())
             if failed and not self.control.has(f"abort/{index}"):
@@ -212,30 +206,6 @@ class RemoteExecutor:
                 rang.wait(max(0.0, next_check - time.monotonic()))
         self._doorbell.release(index)
         return reports, dead
-
-    def _heartbeat_limit_s(self) -> float:
-        return max(5.0 * self.cfg.fault.heartbeat_s, 10.0)
-
-    def _silent(self, nodes) -> List[str]:
-        """Members whose heartbeat has not changed for the heartbeat limit of watching (a forged or
-        replayed one is ignored). Only the time this loop watched counts, each check adding at most
-        MAX_SILENCE_PER_CHECK_S, so a stall on this side is never blamed on the workers; the beat's
-        value (the worker's clock) is compared for change only, never with this clock."""
-        now = time.monotonic()
-        watched = 0.0 if self._last_check is None else min(now - self._last_check, MAX_SILENCE_PER_CHECK_S)
-        self._last_check = now
-        silent = []
-        for node in nodes:
-            beat = self.control.read(f"hb/{node}")
-            if beat is None and node not in self.last_beat:
-                continue  # never beat yet (starting): the launcher and the report timeout watch it
-            if beat is not None and beat != self.last_beat.get(node):
-                self.last_beat[node], self.silence[node] = beat, 0.0
-            else:
-                self.silence[node] = self.silence.get(node, 0.0) + watched
-            if self.silence[node] > self._heartbeat_limit_s():
-                silent.append(node)
-        return silent
 
     def rejected(self) -> int:
         """``control/rejected``: forged or replayed control values ignored by the coordinator and
@@ -325,44 +295,10 @@ class RemoteExecutor:
         live = set(self.members)
         self.members = [n for n in self.nodes if n in live or n in ready]
         self.generation += 1
-        self.sync, self.rebuild, self.restore, self.origin = {}, {}, {}, {}
-        for node in ready:
-            stage = next(k for k, nodes in enumerate(allocation) if node in nodes)
-            sources = [n for n in allocation[stage] if n in live]
-            if sources:
-                self.sync[stage] = sources[0]
-            elif stage in self.origin:
-                continue  # another new replica of the same stage: it starts like the first one
-            elif rebuild == "checkpoint" and self._verified_checkpoint(stage) is not None:
-                self.restore[stage] = str(self._verified_checkpoint(stage))
-                self.origin[stage] = {"from": "checkpoint", "step": int(Path(self.restore[stage]).name)}
-                log.warning("stage %d lost every replica: %s restores it from %s", stage, node, self.restore[stage])
-            elif rebuild == "checkfree":
-                neighbours = [k for k in (stage - 1, stage + 1)
-                              if 0 <= k < len(allocation) and any(n in live for n in allocation[k])]
-                self.rebuild[stage] = [next(n for n in allocation[k] if n in live) for k in neighbours]
-                self.origin[stage] = {"from": "checkfree", "stages": neighbours}
-                log.warning("stage %d lost every replica: %s rebuilds it from the average of stages %s "
-                            "(CheckFree)", stage, node, self.rebuild[stage])
-            else:
-                self.origin[stage] = {"from": "init"}
-                log.warning("stage %d lost every replica: %s restarts it from its initial parameters", stage, node)
+        sources = stage_sources(ready, allocation, live, rebuild, lambda k: verified_checkpoint(self.cfg, k))
+        self.sync, self.rebuild, self.restore, self.origin = (sources.sync, sources.rebuild, sources.restore,
+                                                              sources.origin)
         return ready
-
-    def _verified_checkpoint(self, stage: int):
-        """The newest checkpoint of this run that holds ``stage`` and verifies against its manifest
-        and the ledger (later ones, written after the stage lost every replica, lack it)."""
-        from pathlib import Path
-
-        from skippipe.config import run_dir
-        from skippipe.verify.checkpoint import newest_verified_checkpoint
-        from skippipe.verify.ledger import read_ledger
-
-        out = run_dir(self.cfg)
-        if not (out / "ledger" / "steps.jsonl").is_file():
-            return None
-        step, _ = newest_verified_checkpoint(out, read_ledger(out), holding=f"stage{stage}.pt")
-        return None if step is None else Path(out) / "ckpt" / str(step)
 
     # -- end ------------------------------------------------------------------------------------
     def finish(self, out, checkpoint: Optional[dict] = None):

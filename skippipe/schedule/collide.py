@@ -160,12 +160,41 @@ def route_skippipe(prob: Problem, rng: random.Random, num_stages: int, budget_s:
 
     deadline = time.perf_counter() + budget_s
     effort = search_effort(prob, effort_scale)
-    weights = (0.0, 0.05, 0.15, 0.3)
-    candidates = []  # (makespan, index, paths, starts, node_order or None, tag)
-    capped = False
 
     def build(paths, starts):
         return assemble(prob, "skippipe", num_stages, paths, starts)
+
+    candidates, capped = _constructions(prob, rng, effort, deadline, build)
+    log.debug("skippipe constructions: %s", [(c[5], round(c[0], 2)) for c in candidates])
+    readiness = [c for c in candidates if c[4] is None]
+    seed = min(readiness or candidates, key=lambda c: (c[0], c[1]))
+    result, evaluations, accepted, search_capped = _search_from(prob, rng, seed, effort, deadline, build)
+    capped = capped or search_capped
+    plan, best_tl = _with_reserved_order(prob, result.payload, candidates, build)
+    if not plan.node_order:
+        plan.node_order = best_tl.order()
+    plan.predicted_makespan_s = best_tl.makespan_s
+    prob.capacity = result.capacity
+    cap = result.capacity  # the counts of the local search's best paths: report real excesses
+    excess = _tc1_excess(cap)
+    plan.extra.update(tc1_relax=cap.relax, tc1_overflows=excess,
+                      collisions=best_tl.collisions, mean_idle_fraction=best_tl.mean_idle_fraction(),
+                      search_constructions=len(candidates), search_evaluations=evaluations,
+                      search_accepted=accepted, search_seed_s=seed[0], search_capped=capped)
+    if capped:
+        log.warning("skippipe routing hit schedule.search_budget_s=%.1f s: the plan depends on machine speed",
+                    budget_s)
+    return plan
+
+
+_GREEDY_WEIGHTS = (0.0, 0.05, 0.15, 0.3)  # busy-time weights of the greedy insertions, in turn
+
+
+def _constructions(prob: Problem, rng: random.Random, effort, deadline: float, build):
+    """The simulated constructions that may seed the search, and whether the deadline cut them short."""
+    weights = _GREEDY_WEIGHTS
+    candidates = []  # (makespan, index, paths, starts, node_order or None, tag)
+    capped = False
 
     def consider(paths, starts, order=None, tag=""):
         plan = build(paths, starts)
@@ -195,9 +224,12 @@ def route_skippipe(prob: Problem, rng: random.Random, num_stages: int, budget_s:
         full_skip = paths_full_skipping(prob, balanced)
         if full_skip is not None:
             consider(full_skip, {}, tag=f"full-skip{'-balanced' if balanced else ''}")
-    log.debug("skippipe constructions: %s", [(c[5], round(c[0], 2)) for c in candidates])
-    readiness = [c for c in candidates if c[4] is None]
-    seed = min(readiness or candidates, key=lambda c: (c[0], c[1]))
+    return candidates, capped
+
+
+def _search_from(prob: Problem, rng: random.Random, seed, effort, deadline: float, build):
+    """The best local search from the seed (restarts, then the rest from the best), its counts, and capped."""
+    capped = False
     evaluations = accepted = 0
     restarts = max(1, int(effort["restarts"]))
     share = int(effort["iterations"] * effort["restart_share"]) // restarts
@@ -217,7 +249,12 @@ def route_skippipe(prob: Problem, rng: random.Random, num_stages: int, budget_s:
         evaluations, accepted = evaluations + trial.iterations, accepted + trial.accepted
         if trial.payload[1].makespan_s < result.payload[1].makespan_s - 1e-9:
             result = trial
-    best_plan, best_tl = result.payload
+    return result, evaluations, accepted, capped
+
+
+def _with_reserved_order(prob: Problem, payload, candidates, build):
+    """The search's (plan, timeline), or the best reservation-ordered construction when that is faster."""
+    best_plan, best_tl = payload
     reserved = [c for c in candidates if c[4] is not None]
     if reserved:  # a reservation order can beat readiness order on the same paths
         makespan, _, paths, starts, order, _ = min(reserved, key=lambda c: (c[0], c[1]))
@@ -225,19 +262,10 @@ def route_skippipe(prob: Problem, rng: random.Random, num_stages: int, budget_s:
             best_plan = build(paths, starts)
             best_plan.node_order = order
             best_tl = simulate(best_plan, prob.cost, prob.memory, prob.slow)
-    plan = best_plan
-    if not plan.node_order:
-        plan.node_order = best_tl.order()
-    plan.predicted_makespan_s = best_tl.makespan_s
-    prob.capacity = result.capacity
-    cap = result.capacity  # the counts of the local search's best paths: report real excesses
-    excess = (sum(1 for (_, s), c in cap.stage_count.items() if c > cap.stage_cap(s)) +
-              sum(1 for c in cap.node_count.values() if c > cap.node_cap()))
-    plan.extra.update(tc1_relax=cap.relax, tc1_overflows=excess,
-                      collisions=best_tl.collisions, mean_idle_fraction=best_tl.mean_idle_fraction(),
-                      search_constructions=len(candidates), search_evaluations=evaluations,
-                      search_accepted=accepted, search_seed_s=seed[0], search_capped=capped)
-    if capped:
-        log.warning("skippipe routing hit schedule.search_budget_s=%.1f s: the plan depends on machine speed",
-                    budget_s)
-    return plan
+    return best_plan, best_tl
+
+
+def _tc1_excess(cap: Capacity) -> int:
+    """How many TC1 counts (per wave and stage, per wave and node) the final paths overfill."""
+    return (sum(1 for (_, s), c in cap.stage_count.items() if c > cap.stage_cap(s)) +
+            sum(1 for c in cap.node_count.values() if c > cap.node_cap()))

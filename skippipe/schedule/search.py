@@ -227,10 +227,6 @@ def improve(prob, paths, starts, rng: random.Random, iterations: int, deadline: 
         raise PlanError("skippipe search: the seed plan deadlocks in readiness order")
     key, per_mb, payload = current
     best = (key, dict(state.paths), dict(state.starts), payload)
-
-    def scalar(k):
-        return k[0] + k[1] / (10.0 * len(mbs))
-
     temp0 = anneal * key[0]
     ranked = sorted(mbs, key=lambda m: (-per_mb.get(m, 0.0), m))
     moves = [(n, w) for n, w in _MOVES if simulated or n != "shift"]
@@ -242,10 +238,7 @@ def improve(prob, paths, starts, rng: random.Random, iterations: int, deadline: 
         if attempts % 16 == 0 and time.perf_counter() > deadline:
             capped = True
             break
-        if rng.random() < 0.5:
-            mb = ranked[rng.randrange(max(2, len(ranked) // 8))] if len(ranked) > 1 else ranked[0]
-        else:
-            mb = mbs[rng.randrange(len(mbs))]
+        mb = _pick(rng, ranked, mbs)
         proposal = _PROPOSERS[rng.choices(names, weights)[0]](state, mb, rng, pool)
         if proposal is None:
             continue
@@ -260,11 +253,9 @@ def improve(prob, paths, starts, rng: random.Random, iterations: int, deadline: 
         result = evaluate(trial_paths, trial_starts)
         if result is None:
             continue
-        if not _better(result[0], key):
-            temp = temp0 * (1.0 - evaluations / iterations)
-            delta = scalar(result[0]) - scalar(key)
-            if temp <= 0 or rng.random() >= math.exp(-delta / temp):
-                continue
+        temp = temp0 * (1.0 - evaluations / iterations)
+        if not (_better(result[0], key) or _annealed(rng, result[0], key, temp, len(mbs))):
+            continue
         state.apply(changes, new_starts)
         key, per_mb, payload = result
         ranked = sorted(mbs, key=lambda m: (-per_mb.get(m, 0.0), m))
@@ -273,6 +264,24 @@ def improve(prob, paths, starts, rng: random.Random, iterations: int, deadline: 
             best = (key, dict(state.paths), dict(state.starts), payload)
     state = _State(prob, best[1], best[2])
     return SearchResult(state.paths, state.starts, best[0], best[3], state.cap, evaluations, accepted, capped)
+
+
+def _pick(rng: random.Random, ranked: List[int], mbs: List[int]) -> int:
+    """The microbatch to move: half the time one of the latest finishers (first eighth of ``ranked``), else any."""
+    if rng.random() < 0.5:
+        return ranked[rng.randrange(max(2, len(ranked) // 8))] if len(ranked) > 1 else ranked[0]
+    return mbs[rng.randrange(len(mbs))]
+
+
+def _annealed(rng: random.Random, new: Tuple[float, float], old: Tuple[float, float], temp: float, count: int) -> bool:
+    """Whether annealing keeps a move that is not better: never at temperature <= 0, else with exp(-delta / temp)."""
+    delta = _scalar(new, count) - _scalar(old, count)
+    return not (temp <= 0 or rng.random() >= math.exp(-delta / temp))
+
+
+def _scalar(key: Tuple[float, float], count: int) -> float:
+    """The annealing energy of a score: makespan + mean finish time / 10 over ``count`` microbatches."""
+    return key[0] + key[1] / (10.0 * count)
 
 
 # ------------------------------------------------------------------------------------------------

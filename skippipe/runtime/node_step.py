@@ -1,0 +1,196 @@
+"""One node's part of one step: the plan's actions for this node, then its stage's gradient.
+
+In the plan's per-node order: receive activations, forward, send on (or back to the originator),
+loss at the originator, backward along the exact reverse path; then the stage's gradient is the
+replicas' sums gathered in allocation order, divided by the iteration's microbatch count, and the
+global-norm clip is summed in stage order (DESIGN.md section 6). The clipped update is held until
+the coordinator commits the step (:class:`PendingUpdate`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+import torch
+
+from skippipe.plan import Plan
+from skippipe.runtime.transport import ACT, GRAD, link_estimates
+from skippipe.train import compute
+from skippipe.verify.leaves import data_leaf, gnorm_leaves, hop_leaf
+
+
+@dataclass
+class StepTimes:
+    compute_s: Dict[str, float] = field(default_factory=lambda: {"F": 0.0, "L": 0.0, "B": 0.0})
+    compute_n: Dict[str, int] = field(default_factory=lambda: {"F": 0, "L": 0, "B": 0})
+    cpu_s: Dict[str, float] = field(default_factory=lambda: {"F": 0.0, "L": 0.0, "B": 0.0})
+    reduce_s: float = 0.0
+
+
+@dataclass
+class PendingUpdate:
+    """A reduced, clipped gradient waiting for the coordinator's commit of its step."""
+
+    step: int
+    grad: torch.Tensor
+    scale: float
+    lr: float
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class NodeStep:
+    """Runs one step of ``plan`` on a worker (:class:`~skippipe.runtime.worker.Worker`: its stage,
+    data, groups of the current generation and fault injector)."""
+
+    def __init__(self, worker, plan: Plan, step: int):
+        self.w, self.plan, self.step = worker, plan, step
+        self.times = StepTimes()
+        self.leaves: Dict[str, str] = {}
+        self.pending: Optional[PendingUpdate] = None
+        self.transport = worker.groups.transport
+        stage = worker.stage
+        self.acc = compute.GradAccumulator(stage, plan.visits_of(worker.me)) if stage is not None else None
+
+    def run(self, lr: float) -> Dict[str, Any]:
+        """The step; its report for the coordinator (``pending``: the update to commit)."""
+        w, transport = self.w, self.transport
+        start = time.perf_counter()
+        transport.recv_wait_s = transport.emulated_delay_s = 0.0
+        transport.link_samples = []
+        hook = w.faults.op_hook(w.stage, self.step)
+        try:
+            losses = self._run_actions()
+        finally:
+            if hook is not None:
+                hook.remove()
+        t0 = time.perf_counter()
+        grad_norm = self._reduce(lr)
+        self.times.reduce_s = time.perf_counter() - t0
+        transport.flush()
+        times = self.times
+        return {"ok": True, "losses": {str(k): v for k, v in losses.items()}, "leaves": self.leaves,
+                "compute_s": times.compute_s, "compute_n": times.compute_n, "compute_cpu_s": times.cpu_s,
+                "reduce_s": times.reduce_s, "grad_norm": grad_norm,
+                "recv_wait_s": transport.recv_wait_s, "emulated_delay_s": transport.emulated_delay_s,
+                "links": link_estimates(transport.link_samples), "step_s": time.perf_counter() - start,
+                "node": w.me, "stage": w.stage_id, "peak_rss_mb": _peak_rss_mb()}
+
+    def _timed(self, phase: str, fn, *args):
+        """Run one compute phase; record wall time (what the pipeline waits for) and, on CPU, this
+        thread's CPU time (what the node's speed is: immune to other processes sharing the cores)."""
+        t0, c0 = time.perf_counter(), time.thread_time()
+        result = fn(*args)
+        elapsed, cpu = time.perf_counter() - t0, time.thread_time() - c0
+        slowdown = self.w.faults.slowdown
+        if slowdown != 1.0:  # fault.slow_nodes: emulate a slower device
+            time.sleep(elapsed * (slowdown - 1.0))
+            elapsed *= slowdown
+            cpu *= slowdown
+        self.times.compute_s[phase] += elapsed
+        self.times.cpu_s[phase] += cpu if self.w.device.type == "cpu" else elapsed
+        self.times.compute_n[phase] += 1
+        return result
+
+    def _run_actions(self) -> Dict[int, float]:
+        w, plan = self.w, self.plan
+        routes = {mb.id: mb for mb in plan.microbatches}
+        act_shape = (w.cfg.train.samples_per_microbatch, w.spec.seq_len, w.spec.dim)
+        self.dtype = next(w.stage.parameters()).dtype if w.stage is not None else torch.float32
+        self.act_shape, self.saved, self.targets, losses = act_shape, {}, {}, {}
+        for mb_id, phase in plan.node_order.get(w.me, []):
+            nodes = [routes[mb_id].originator, *routes[mb_id].path]
+            i = nodes.index(w.me)
+            after = nodes[i + 1] if i + 1 < len(nodes) else nodes[0]
+            if phase == "F":
+                self._forward(mb_id, nodes, i, after)
+            elif phase == "L":
+                losses[mb_id] = self._loss(mb_id, nodes)
+            else:
+                self._backward(mb_id, nodes, i, after)
+        return losses
+
+    def _forward(self, mb_id: int, nodes, i: int, after: str) -> None:
+        w, step = self.w, self.step
+        if i == 0:
+            mb = w.data.microbatch(w.cfg.run.seed, step, mb_id, w.cfg.train.samples_per_microbatch, w.spec.seq_len)
+            x, self.targets[mb_id] = mb.inputs.to(w.device), mb.targets.to(w.device)
+            if w.level != "off":
+                self.leaves.update(data_leaf(mb))
+        else:
+            x = self.transport.recv(nodes[i - 1], step, mb_id, ACT, self.act_shape, self.dtype)
+        out, self.saved[mb_id] = self._timed("F", compute.forward, w.stage, x)
+        if w.faults.corrupting(step, "act"):
+            out = w.faults.corrupt_activation(out)
+        if w.level == "full":
+            self.leaves.update(hop_leaf("act", mb_id, i, w.stage_id, out))
+        self.transport.send(out, after, step, mb_id, ACT)
+
+    def _loss(self, mb_id: int, nodes) -> float:
+        w, step = self.w, self.step
+        hidden = self.transport.recv(nodes[-1], step, mb_id, ACT, self.act_shape, self.dtype)
+        loss, grad, head_grads = self._timed("L", compute.loss_and_head_grads, w.stage, hidden,
+                                             self.targets.pop(mb_id))
+        self.acc.add(mb_id, compute.head_params(w.stage), head_grads)
+        if w.level == "full":
+            self.leaves.update(hop_leaf("grad", mb_id, len(nodes) - 1, 0, grad))
+        self.transport.send(grad, nodes[-1], step, mb_id, GRAD)
+        return float(loss)
+
+    def _backward(self, mb_id: int, nodes, i: int, after: str) -> None:
+        w, step = self.w, self.step
+        grad = self.transport.recv(after, step, mb_id, GRAD, self.act_shape, self.dtype)
+        grad_in, body_grads = self._timed("B", compute.backward, w.stage, self.saved.pop(mb_id), grad)
+        self.acc.add(mb_id, compute.body_params(w.stage), body_grads)
+        self.acc.complete(mb_id)
+        if i > 0:
+            if w.level == "full":
+                self.leaves.update(hop_leaf("grad", mb_id, i - 1, self.plan.stage_of()[w.me], grad_in))
+            self.transport.send(grad_in, nodes[i - 1], step, mb_id, GRAD)
+
+    def _reduce(self, lr: float) -> float:
+        """Stage gradient = replica sums in allocation order / M; global norm summed in stage order.
+        The clipped update is held until the coordinator commits this step."""
+        w, groups = self.w, self.w.groups
+        grad = None
+        if w.stage is not None:
+            mine = self.acc.result()
+            if w.faults.corrupting(self.step, "grad"):
+                mine = mine.clone()
+                mine[0] += 1e-3
+            if groups.stage_group is None:
+                totals = [mine]
+            else:  # gathered in allocation order of the live replicas
+                totals = [torch.empty_like(mine) for _ in groups.stage_members]
+                groups.collective(groups.stage_group.allgather([totals], [mine]))
+                self.transport.emulate_allreduce(groups.stage_members, mine.numel() * mine.element_size())
+            grad = compute.reduce_replicas(totals, len(self.plan.microbatches))
+        per_stage = self._stage_sq_norms(grad)
+        norm, scale = compute.clip_coefficient([per_stage[k] for k in sorted(per_stage)], w.cfg.train.grad_clip)
+        if w.level != "off":
+            self.leaves.update(gnorm_leaves(per_stage))
+        if grad is not None:
+            self.pending = PendingUpdate(self.step, grad, scale, lr)
+        return norm
+
+    def _stage_sq_norms(self, grad: Optional[torch.Tensor]) -> Dict[int, torch.Tensor]:
+        """One squared gradient norm per stage (replicas agree), gathered from every member."""
+        w, groups = self.w, self.w.groups
+        entry = torch.zeros(2, dtype=torch.float64, device=w.device)
+        entry[0] = -1.0 if w.stage_id is None else float(w.stage_id)
+        if grad is not None:
+            entry[1] = compute.grad_sq_norm(grad).to(w.device)
+        entries = [torch.empty_like(entry) for _ in groups.members]
+        groups.collective(groups.world_pg.allgather([entries], [entry]))
+        per_stage = {}
+        for e in entries:
+            stage_id = int(e[0])
+            if stage_id >= 0 and stage_id not in per_stage:
+                per_stage[stage_id] = e[1].cpu()
+        return per_stage
