@@ -135,8 +135,8 @@ def geo20_times(quick: bool) -> Dict[str, Any]:
 
 def train_one(name: str, steps: int, quick: bool, base_dir: Path, every: int) -> Dict[str, Any]:
     """Train run ``name``; returns the summary, the full-model validation curve and timings."""
+    from skippipe.process import pin_threads, resolve_device
     from skippipe.runtime.coordinator import Coordinator, InProcessExecutor
-    from skippipe.train.loop import pin_threads, resolve_device
 
     method, skip, extra = RUNS[name]
     run_dir = base_dir / name

@@ -41,9 +41,9 @@ def main(argv) -> int:
         print(problem, file=sys.stderr)
         return 2
     from skippipe.cli import main as cli_main
+    from skippipe.config import split_config_arg
 
-    has_config = bool(argv) and "=" not in argv[0]
-    config, overrides = (argv[0], argv[1:]) if has_config else (None, list(argv))
+    config, overrides = split_config_arg(argv)
     return cli_main(["train", *([config] if config else []), *overrides, "launcher=ray"])
 
 

@@ -25,8 +25,8 @@ def check_launch(cfg, env) -> None:
     """Mistakes every rank can see on its own (a wrong process count, CUDA on a CPU-only torch), so the
     group fails in seconds with one line instead of timing out on its sockets."""
     from skippipe.errors import ConfigError
+    from skippipe.process import check_device
     from skippipe.topology import load_topology
-    from skippipe.train.loop import check_device
 
     check_device(cfg)
     nodes = len(load_topology(cfg).nodes)
@@ -37,16 +37,15 @@ def check_launch(cfg, env) -> None:
 
 
 def main(argv) -> int:
-    from skippipe.config import load_config
+    from skippipe.config import load_config, split_config_arg
     from skippipe.errors import UserError
+    from skippipe.process import pin_threads
     from skippipe.runtime.control import SECRET_ENV, ControlChannel, box_secret, box_secret_path, connect_store
     from skippipe.runtime.coordinator import Coordinator
     from skippipe.runtime.remote import RemoteExecutor
     from skippipe.runtime.worker import WorkerEnv, run_worker
-    from skippipe.train.loop import pin_threads
 
-    config = argv[0] if argv and "=" not in argv[0] else None
-    overrides = list(argv[1:] if config else argv)
+    config, overrides = split_config_arg(argv)
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     if restart:  # torchrun restarted the group after a failure: continue from the last verified checkpoint
         overrides += ["run.resume=true", "run.overwrite=false"]  # resume what the first attempt started

@@ -36,22 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="skippipe", description="SkipPipe: partial and reordered pipeline training")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, help_text in COMMANDS.items():
-        module = _load(name)
-        if module is None:
-            continue
+        module = importlib.import_module(f"skippipe.commands.{name}")
         cmd = sub.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(cmd)
         cmd.set_defaults(_module=module)
     return parser
-
-
-def _load(name: str):
-    try:
-        return importlib.import_module(f"skippipe.commands.{name}")
-    except ModuleNotFoundError as err:
-        if err.name == f"skippipe.commands.{name}":
-            return None  # command not built yet
-        raise
 
 
 def main(argv: Optional[List[str]] = None) -> int:

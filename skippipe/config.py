@@ -13,7 +13,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from omegaconf import MISSING, DictConfig, OmegaConf  # noqa: F401
 from omegaconf import errors as oc_errors
@@ -298,6 +298,15 @@ def parse_overrides(overrides: List[str]) -> DictConfig:
         return OmegaConf.from_dotlist(list(overrides))
     except Exception as err:  # omegaconf grammar errors
         raise ConfigError(f"bad override: {str(err).splitlines()[0]}") from None
+
+
+def split_config_arg(items) -> Tuple[Optional[str], List[str]]:
+    """``[CONFIG] key=value ...`` as every entry point takes it (``skippipe train``, torchrun's and
+    Ray's launch scripts): a first argument without ``=`` is the config file, the rest overrides."""
+    items = list(items)
+    if items and "=" not in items[0]:
+        return items[0], items[1:]
+    return None, items
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> Config:

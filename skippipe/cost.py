@@ -17,15 +17,16 @@ from typing import Dict, Iterable, List, Sequence, Tuple
 import numpy as np
 
 from skippipe.model.presets import ModelSpec
+from skippipe.model.transformer import split_layers as stage_layer_ids
 from skippipe.topology import Topology
 
 PHASE_NAMES = ("F", "L", "B")
 
 
 def split_layers(n_layers: int, num_stages: int) -> List[int]:
-    """Layers per stage, as even as possible, extras to the lowest stages."""
-    base, extra = divmod(n_layers, num_stages)
-    return [base + (1 if k < extra else 0) for k in range(num_stages)]
+    """Layers per stage, as even as possible, extras to the lowest stages: the sizes of the stages
+    :func:`skippipe.model.transformer.split_layers` builds (the one definition of the split)."""
+    return [len(ids) for ids in stage_layer_ids(n_layers, num_stages)]
 
 
 class CostModel:

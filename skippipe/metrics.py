@@ -98,12 +98,6 @@ class MetricsLogger:
         if self.wandb_run is not None and wanted:
             self.wandb_run.log({k: _jsonable(v) for k, v in record.items() if k != "step"}, step=index)
 
-    def log_image(self, key: str, path: Path, step: Optional[int] = None) -> None:
-        if self.wandb_run is not None and path.is_file():
-            import wandb
-
-            self.wandb_run.log({key: wandb.Image(str(path))}, step=step)
-
     def log_plots(self, paths: Iterable[Path], step: Optional[int] = None) -> None:
         """Each plot as a wandb image under ``plots/<file stem>`` (one wandb step for all)."""
         if self.wandb_run is None:

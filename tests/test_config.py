@@ -81,3 +81,11 @@ def test_cli_bad_argument_exits_2(capsys):
                                                         (4, 0.0, 4)])
 def test_stages_visited(num_stages, ratio, visited):
     assert stages_visited(num_stages, ratio) == visited
+
+
+def test_a_first_argument_without_equals_is_the_config_file():
+    from skippipe.config import split_config_arg
+
+    assert split_config_arg(["configs/tiny.yaml", "a=1"]) == ("configs/tiny.yaml", ["a=1"])
+    assert split_config_arg(["a=1", "b=2"]) == (None, ["a=1", "b=2"])
+    assert split_config_arg([]) == (None, [])

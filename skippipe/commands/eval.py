@@ -97,8 +97,8 @@ def load_run(run_dir: Path, cfg):
     from skippipe.config import num_stages
     from skippipe.data import load_data
     from skippipe.model.presets import resolve_model_spec
+    from skippipe.process import pin_threads
     from skippipe.train.evaluate import load_stages
-    from skippipe.train.loop import pin_threads
 
     if not (run_dir / "final").is_dir():
         raise UserError(f"'{run_dir / 'final'}' does not exist: the run has not finished "
@@ -119,7 +119,7 @@ def eval_device(cfg) -> str:
     launcher=inprocess, else on the coordinator's CPU (it loads the saved stages there)."""
     import torch
 
-    from skippipe.train.loop import resolve_device
+    from skippipe.process import resolve_device
 
     wanted = resolve_device(cfg.train.device)
     if cfg.launcher == "inprocess" and wanted != "cpu" and (wanted != "cuda" or torch.cuda.is_available()):

@@ -13,10 +13,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def split_config_and_overrides(args) -> tuple:
     """argparse cannot tell `train a=1` (no config) from `train cfg.yaml`: an argument with '=' is an
     override."""
-    items = ([args.config] if args.config else []) + list(args.overrides)
-    config = items[0] if items and "=" not in items[0] else None
-    overrides = items[1:] if config else items
-    return config, overrides
+    from skippipe.config import split_config_arg
+
+    return split_config_arg(([args.config] if args.config else []) + list(args.overrides))
 
 
 def run(args) -> int:
@@ -25,7 +24,7 @@ def run(args) -> int:
     config, overrides = split_config_and_overrides(args)
     cfg = load_config(config, overrides)
     if cfg.launcher != "ray":  # Ray workers may have GPUs that this machine lacks
-        from skippipe.train.loop import check_device
+        from skippipe.process import check_device
 
         check_device(cfg)
     from skippipe.runtime.rundir import check_run_dir

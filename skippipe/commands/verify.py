@@ -11,7 +11,7 @@ capability, threads, seed and bit-relevant config); bisect the two chains to the
 in O(log n) lookups with no compute, diff that step's leaves and name the earliest differing one.
 ``--referee`` replays the divergent step from the newest checkpoint before it that verifies against
 both ledgers (or from initialization) and says which run the replay reproduces. ``--ops`` hands the
-disputed step and leaf to ``skippipe.verify.ops.pin_operator`` (Verde phase 2) when it is installed.
+disputed step and leaf to ``skippipe.verify.ops.pin_operator`` (Verde phase 2).
 
 Runs whose headers differ exit 1 with "not comparable" and the fields: the question "do these runs
 agree?" is well posed but cannot be answered with a yes, which is a failed verification (exit 1),
@@ -25,7 +25,6 @@ plus ``mode``, ``check`` (ledger, checkpoint, replay, compare), ``message``, ``g
 
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -97,20 +96,12 @@ def _fail(result: dict, check: str, message: str, step: Optional[int] = None, le
     return result
 
 
-def _optional(module: str, attr: str) -> Optional[Callable]:
-    """``module.attr`` if the module exists (a missing module means: not built yet), else None."""
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as err:
-        if err.name == module:
-            return None
-        raise
-    return getattr(mod, attr, None)
-
-
 def load_replay() -> Optional[Callable]:
-    """``skippipe.verify.replay.replay(run_dir, from_step, to_step) -> {step: leaves}`` or None."""
-    return _optional("skippipe.verify.replay", "replay")
+    """``skippipe.verify.replay.replay(run_dir, from_step, to_step) -> {step: leaves}`` (tests replace
+    this to return None: replay unavailable)."""
+    from skippipe.verify.replay import replay
+
+    return replay
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,11 +335,9 @@ def _verify_level(run: Path) -> str:
 
 def _pin_operator(result: dict, run_a: Path, run_b: Path, step: int, leaf: Optional[str]) -> Dict:
     """Hook for Verde phase 2: ``skippipe.verify.ops.pin_operator(run_a, run_b, step, leaf) -> dict``."""
-    pin = _optional("skippipe.verify.ops", "pin_operator")
-    if pin is None:
-        result["lines"].append("ops: unavailable (skippipe.verify.ops is not installed)")
-        return {"available": False}
-    found = dict(pin(run_a, run_b, step, leaf))
+    from skippipe.verify.ops import pin_operator
+
+    found = dict(pin_operator(run_a, run_b, step, leaf))
     found.setdefault("available", True)
     levels = {_verify_level(run) for run in (run_a, run_b)}
     if found.get("operator") is None and levels != {"full"}:

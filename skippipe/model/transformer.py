@@ -92,7 +92,8 @@ def make_block(spec: ModelSpec, layer_id: int, seed: int) -> Block:
 
 
 def split_layers(n_layers: int, num_stages: int) -> List[List[int]]:
-    """Layer ids per stage, contiguous, as even as possible; extra layers go to the lowest stages."""
+    """Layer ids per stage, contiguous, as even as possible; extra layers go to the lowest stages
+    (:func:`skippipe.cost.split_layers` is their counts)."""
     base, extra = divmod(n_layers, num_stages)
     out, start = [], 0
     for stage in range(num_stages):

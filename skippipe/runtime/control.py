@@ -6,9 +6,12 @@ data-plane process group of each generation is built on a prefix of the same sto
 can form a new group after a failure without a new rendezvous service.
 
 Keys (under the prefix ``skippipe/``):
-``config`` -> {config, nodes, vocab_size}; ``first/<node>`` -> the first command index a node reads;
-``cmd/<i>`` -> {step, generation, members, lr, plan, commit_step, sync} or {stop} or {abort};
-``report/<i>/<node>`` -> a worker's report or error; ``hb/<node>`` -> time of its last heartbeat.
+``config`` -> {config, nodes, vocab_size}; ``ready/<node>/<incarnation>`` -> {time, process_s} (a
+worker is up); ``first/<node>/<incarnation>`` -> the first command index that incarnation reads;
+``cmd/<i>`` -> {step, generation, members, lr, plan, commit_step, sync, ...} or {stop, ...} or {abort};
+``abort/<i>`` -> True (survivors stop waiting on failed command ``i``); ``report/<i>/<node>`` -> a
+worker's report or error; ``hb/<node>`` -> time of its last heartbeat. Raw (unauthenticated) store
+keys: ``reported/<i>`` (a counter) and ``allin/<i>`` (the doorbell set by the last reporter).
 
 Privacy and authentication: the coordinator's store listens on one address (127.0.0.1 on one
 box; a socket we bind and hand to the TCPStore, which alone would listen on every interface).
@@ -200,9 +203,6 @@ class ControlChannel:
                 raise TimeoutError(f"control: nothing arrived for '{key}' within {limit:.0f} s")
 
     # -- protocol -----------------------------------------------------------------------------
-    def publish_config(self, config: Dict[str, Any], nodes) -> None:
-        self.put("config", {"config": config, "nodes": list(nodes)})
-
     def command(self, step: int, payload: Dict[str, Any]) -> None:
         self.put(f"cmd/{step}", payload)
 

@@ -195,7 +195,7 @@ class Coordinator:
 
     def _header_extra(self) -> Dict[str, Any]:
         """What the workers actually use (the ledger header records it; comparisons check it)."""
-        from skippipe.train.loop import resolve_device
+        from skippipe.process import resolve_device
 
         return {"threads": self.cfg.run.threads, "device": resolve_device(self.cfg.train.device)}
 
@@ -347,7 +347,7 @@ class Coordinator:
 
 
 def train_inprocess(cfg: Config) -> Dict[str, Any]:
-    from skippipe.train.loop import pin_threads, resolve_device
+    from skippipe.process import pin_threads, resolve_device
 
     pin_threads(cfg.run.threads)
     device = resolve_device(cfg.train.device)

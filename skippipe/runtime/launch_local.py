@@ -11,22 +11,9 @@ import sys
 from typing import Any, Dict, List
 
 from skippipe.config import Config
+from skippipe.process import torchrun_env
 
 log = logging.getLogger("skippipe")
-
-
-def worker_env(rank: int, world_size: int, addr: str, port: int, threads: int, node: str,
-               incarnation: int = 0, secret: str = "") -> Dict[str, str]:
-    """The torchrun environment contract, so one worker code path serves every launcher (plus the
-    node's name and the control channel's secret)."""
-    env = dict(os.environ)
-    # c10d's C++ socket warnings after a handled fault (a peer died: the coordinator says so in one line)
-    env.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
-    env.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
-                "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": addr, "MASTER_PORT": str(port),
-                "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "SKIPPIPE_NODE": node,
-                "SKIPPIPE_INCARNATION": str(incarnation), "SKIPPIPE_CONTROL_SECRET": secret})
-    return env
 
 
 class LocalLauncher:
@@ -39,7 +26,8 @@ class LocalLauncher:
 
     def _spawn(self, node: str, incarnation: int) -> None:
         rank = self.nodes.index(node)
-        env = worker_env(rank, len(self.nodes), self.addr, self.port, self.threads, node, incarnation, self.secret)
+        env = {**os.environ, **torchrun_env(rank, len(self.nodes), rank, len(self.nodes), self.addr, self.port,
+                                            self.threads, node, incarnation, self.secret)}
         self.procs[node] = subprocess.Popen([sys.executable, "-m", "skippipe.runtime.worker"], env=env)
 
     def start(self) -> None:
@@ -76,11 +64,11 @@ class LocalLauncher:
 
 
 def train_local(cfg: Config) -> Dict[str, Any]:
+    from skippipe.process import pin_threads
     from skippipe.runtime.control import ControlChannel, connect_store, new_secret
     from skippipe.runtime.coordinator import Coordinator
     from skippipe.runtime.remote import RemoteExecutor
     from skippipe.topology import load_topology
-    from skippipe.train.loop import pin_threads
 
     pin_threads(cfg.run.threads)
     addr = cfg.runtime.master_addr

@@ -125,13 +125,10 @@ class RayLauncher:
         log.info("ray placement: %s", ", ".join(f"{n} -> {p['node_id'][:8]} ({p['node_ip']})" for n, p in placed.items()))
 
     def _env(self, node: str, incarnation: int) -> Dict[str, str]:
-        rank = self.nodes.index(node)
-        threads = str(self.cfg.run.threads)
-        return {"RANK": str(rank), "WORLD_SIZE": str(len(self.nodes)), "LOCAL_RANK": "0",
-                "MASTER_ADDR": self.addr, "MASTER_PORT": str(self.port), "OMP_NUM_THREADS": threads,
-                "MKL_NUM_THREADS": threads, "SKIPPIPE_NODE": node, "SKIPPIPE_INCARNATION": str(incarnation),
-                "SKIPPIPE_CONTROL_SECRET": self.secret,
-                "TORCH_CPP_LOG_LEVEL": os.environ.get("TORCH_CPP_LOG_LEVEL", "ERROR")}
+        from skippipe.process import torchrun_env
+
+        return torchrun_env(self.nodes.index(node), len(self.nodes), 0, 1, self.addr, self.port, self.cfg.run.threads,
+                            node, incarnation, self.secret)
 
     def _spawn(self, node: str, incarnation: int) -> None:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -410,11 +407,11 @@ def control_address(cfg: Config) -> str:
 
 
 def train_ray(cfg: Config) -> Dict[str, Any]:
+    from skippipe.process import pin_threads
     from skippipe.runtime.control import ControlChannel, connect_store, new_secret
     from skippipe.runtime.coordinator import Coordinator
     from skippipe.runtime.remote import RemoteExecutor
     from skippipe.topology import load_topology
-    from skippipe.train.loop import pin_threads
 
     pin_threads(cfg.run.threads)
     cfg.run.dir = str(resolve_run_dir(cfg))  # the summary and the config.yaml show the real path

@@ -102,10 +102,10 @@ class Worker:
         return self.groups.generation
 
     def _device(self) -> torch.device:
-        name = self.cfg.train.device
-        if name == "auto":
-            name = "cuda" if torch.cuda.is_available() else "cpu"
-        if name == "cuda":
+        from skippipe.process import resolve_device
+
+        name = resolve_device(self.cfg.train.device)
+        if name == "cuda":  # one device per LOCAL_RANK
             torch.cuda.set_device(self.env.local_rank)
             return torch.device("cuda", self.env.local_rank)
         return torch.device(name)

@@ -23,9 +23,6 @@ class Reservations:
         self.windows: Dict[str, List[Tuple[float, float]]] = {}
         self.actions: List[Action] = []
 
-    def copy_empty(self) -> "Reservations":
-        return Reservations(self.memory)
-
     def earliest_fit(self, node: str, ready_s: float, dur_s: float) -> float:
         """Earliest start >= ready_s at which [start, start + dur) is free on ``node``."""
         intervals = self.busy.get(node)

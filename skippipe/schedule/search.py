@@ -288,10 +288,6 @@ def _scalar(key: Tuple[float, float], count: int) -> float:
 # moves: each returns ({mb: new path}, {mb: new start}) or None
 
 
-def _propose(move: str, state: _State, mb: int, rng: random.Random, pool):
-    return _PROPOSERS[move](state, mb, rng, pool)
-
-
 def _same_wave_others(state: _State, mb: int) -> List[int]:
     return [m for m in state.by_wave[state.wave[mb]] if m != mb]
 

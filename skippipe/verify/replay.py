@@ -35,8 +35,8 @@ def executor_at(run_dir: Path, step: int) -> Tuple[object, object, object, Dict]
     checkpoint before ``step`` (verified against its manifest), replaying the steps in between."""
     from skippipe.data import load_data
     from skippipe.model.presets import resolve_model_spec
+    from skippipe.process import pin_threads
     from skippipe.routelog import read_routes
-    from skippipe.train.loop import pin_threads
     from skippipe.train.reference import ReferenceExecutor
     from skippipe.verify.checkpoint import list_checkpoints, load_stage_file, verify_checkpoint
     from skippipe.verify.leaves import load_state_tensors
