@@ -46,6 +46,32 @@ class NodeFailure(Exception):
         self.reasons = reasons
 
 
+def raise_on_failure(reports: Dict[str, Dict[str, Any]], dead: Dict[str, str]) -> None:
+    """Whom a failed step blames, from the members' reports and the nodes found dead:
+    - nodes found dead, and peers named as senders of a bad message, are excluded
+      (:class:`NodeFailure`: the step is redone without them);
+    - otherwise a worker's own error (not caused by a peer) fails the run (:class:`WorkerFailed`),
+      the earliest one if several;
+    - errors that only name failed peers while nobody died cannot be blamed on anyone: the earliest
+      is reported as the worker's failure."""
+    errors = {n: r for n, r in reports.items() if not r.get("ok", False)}
+    if not errors and not dead:
+        return
+    reasons = dict(dead)
+    for node, report in errors.items():
+        if report.get("bad_peer"):
+            reasons[report["bad_peer"]] = f"sent a bad message to {node}: {report['message']}"
+    primary = sorted(((n, r) for n, r in errors.items() if not r.get("secondary") and not r.get("bad_peer")),
+                     key=lambda e: e[1].get("time", 0.0))
+    if primary and not reasons:
+        node, report = primary[0]
+        raise WorkerFailed(f"worker {node} failed: {report['message']}", node)
+    if not reasons:  # only errors caused by peers, yet nobody died: cannot tell whom to blame
+        node, report = sorted(errors.items(), key=lambda e: e[1].get("time", 0.0))[0]
+        raise WorkerFailed(f"worker {node} failed: {report['message']}", node)
+    raise NodeFailure(set(reasons), reasons)
+
+
 class Doorbell:
     """Wakes the coordinator when every member has reported on a command: a thread blocked in the
     store (on its own connection) until the last reporter sets ``allin/<index>``."""
@@ -147,7 +173,7 @@ class RemoteExecutor:
             meanwhile(plan)
         reports, dead = self._gather(index)
         self.carried_states.update({n: r["state"] for n, r in reports.items() if r.get("state")})
-        self._raise_on_failure(reports, dead)
+        raise_on_failure(reports, dead)
         states, self.carried_states = self.carried_states, {}
         self.load_dir = None
         self.commit_step, self.sync, self.rebuild, self.restore, self.origin = step, {}, {}, {}, {}
@@ -211,24 +237,6 @@ class RemoteExecutor:
         """``control/rejected``: forged or replayed control values ignored by the coordinator and
         (as last reported) by the workers."""
         return self.control.rejected + sum(self.worker_rejected.values())
-
-    def _raise_on_failure(self, reports: Dict[str, Dict[str, Any]], dead: Dict[str, str]) -> None:
-        errors = {n: r for n, r in reports.items() if not r.get("ok", False)}
-        if not errors and not dead:
-            return
-        reasons = dict(dead)
-        for node, report in errors.items():
-            if report.get("bad_peer"):
-                reasons[report["bad_peer"]] = f"sent a bad message to {node}: {report['message']}"
-        primary = sorted(((n, r) for n, r in errors.items() if not r.get("secondary") and not r.get("bad_peer")),
-                         key=lambda e: e[1].get("time", 0.0))
-        if primary and not reasons:
-            node, report = primary[0]
-            raise WorkerFailed(f"worker {node} failed: {report['message']}", node)
-        if not reasons:  # only errors caused by peers, yet nobody died: cannot tell whom to blame
-            node, report = sorted(errors.items(), key=lambda e: e[1].get("time", 0.0))[0]
-            raise WorkerFailed(f"worker {node} failed: {report['message']}", node)
-        raise NodeFailure(set(reasons), reasons)
 
     # -- membership -----------------------------------------------------------------------------
     def new_generation(self, dead: Set[str]) -> None:
