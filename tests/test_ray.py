@@ -201,6 +201,12 @@ def test_too_many_cpus_per_worker_fails_in_seconds(ray_cluster, tmp_path):
     from skippipe.errors import UserError
 
     cfg = config(tmp_path, "ray.num_cpus_per_worker=1")
+    # the previous test's placement groups are removed asynchronously: wait until Ray gives them back
+    # (a CI run saw 2.25 of 4 CPUs free: 7 workers x 0.25 of the join test still held)
+    deadline = time.monotonic() + 60
+    while ray.available_resources().get("CPU", 0.0) < 4.0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU", 0.0) == 4.0, ray.available_resources()
     start = time.monotonic()
     with pytest.raises(UserError, match=r"ray.num_cpus_per_worker=1 x 6 workers = 6 CPUs.*has 4 free"):
         train_ray(cfg)
