@@ -301,6 +301,19 @@ class RayLauncher:
         for pg in [self.pg, *self.extra_pgs]:
             remove_placement_group(pg)
         self.joins.close()
+        _wait_removed([self.pg, *self.extra_pgs])
+
+
+def _wait_removed(pgs, timeout_s: float = 10.0) -> None:
+    """Removing a placement group is asynchronous: wait (bounded) until Ray reports each removed, so
+    a run that returns has given its CPUs back (a next run in the same driver sizes its workers by
+    the free CPUs)."""
+    from ray.util.placement_group import placement_group_table
+
+    deadline = time.monotonic() + timeout_s
+    for pg in pgs:
+        while placement_group_table(pg).get("state") != "REMOVED" and time.monotonic() < deadline:
+            time.sleep(0.05)
 
 
 def check_pins(pins: Dict[str, Dict[str, Any]], ray_nodes: List[Dict[str, Any]]) -> None:
