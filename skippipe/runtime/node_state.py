@@ -82,9 +82,9 @@ def rebuild_stage(groups, me: str, stage, my_stage: Optional[int], rebuilt: int,
     """CheckFree (arXiv 2506.15461): a stage that lost every replica restarts from the average of
     its neighbouring stages' blocks (same shapes required), with a fresh optimizer state. Each
     source sends its block parameters to every node of the rebuilt stage."""
-    from skippipe.model.transformer import split_layers
+    from skippipe.cost import split_layers
 
-    layers = [len(ls) for ls in split_layers(n_layers, plan.num_stages)]
+    layers = split_layers(n_layers, plan.num_stages)
     stage_of = plan.stage_of()
     if any(layers[stage_of[n]] != layers[rebuilt] for n in sources if n in stage_of):
         log.warning("stage %d: neighbours have other layer counts; keeping the initial parameters", rebuilt)

@@ -57,6 +57,10 @@ class NodeStep:
         self.transport = worker.groups.transport
         stage = worker.stage
         self.acc = compute.GradAccumulator(stage, plan.visits_of(worker.me)) if stage is not None else None
+        self.act_shape = (worker.cfg.train.samples_per_microbatch, worker.spec.seq_len, worker.spec.dim)
+        self.dtype = next(stage.parameters()).dtype if stage is not None else torch.float32
+        self.saved: Dict[int, compute.Saved] = {}  # microbatch -> what its backward needs
+        self.targets: Dict[int, torch.Tensor] = {}  # microbatch -> its targets, until its loss (originator)
 
     def run(self, lr: float) -> Dict[str, Any]:
         """The step; its report for the coordinator (``pending``: the update to commit)."""
@@ -101,9 +105,7 @@ class NodeStep:
     def _run_actions(self) -> Dict[int, float]:
         w, plan = self.w, self.plan
         routes = {mb.id: mb for mb in plan.microbatches}
-        act_shape = (w.cfg.train.samples_per_microbatch, w.spec.seq_len, w.spec.dim)
-        self.dtype = next(w.stage.parameters()).dtype if w.stage is not None else torch.float32
-        self.act_shape, self.saved, self.targets, losses = act_shape, {}, {}, {}
+        losses: Dict[int, float] = {}
         for mb_id, phase in plan.node_order.get(w.me, []):
             nodes = [routes[mb_id].originator, *routes[mb_id].path]
             i = nodes.index(w.me)
@@ -151,7 +153,7 @@ class NodeStep:
         self.acc.complete(mb_id)
         if i > 0:
             if w.level == "full":
-                self.leaves.update(hop_leaf("grad", mb_id, i - 1, self.plan.stage_of()[w.me], grad_in))
+                self.leaves.update(hop_leaf("grad", mb_id, i - 1, w.stage_id, grad_in))
             self.transport.send(grad_in, nodes[i - 1], step, mb_id, GRAD)
 
     def _reduce(self, lr: float) -> float:
