@@ -9,7 +9,9 @@
 # 2. trains configs/tiny.yaml with launcher=inprocess train.device=cuda for a few steps;
 # 3. times forward and backward of one llama-500m stage (4 of its 24 layers) on one microbatch of
 #    8 samples x 1024 tokens, in fp32 and bf16 autocast, with the worker's own skippipe.train.compute functions,
-#    and prints cost.fwd_s_per_sample_layer, cost.bwd_factor and cost.loss_factor for the closing note.
+#    and prints cost.fwd_s_per_sample_layer, cost.bwd_factor and cost.loss_factor for the closing note;
+# 4. (issue 17) bench/gpu_mfu.py: the in-process executor with llama-500m in bf16 for 20 steps against a
+#    plain single-GPU PyTorch loop of the same model: tokens/s and MFU, one table ($OUT/gpu_mfu.json).
 # Writes the numbers to $OUT/gpu_check.json when OUT is set (else bench/results/gpu_check.json).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -108,3 +110,6 @@ Path(sys.argv[1]).write_text(json.dumps({"device": torch.cuda.get_device_name(0)
                                          "llama_500m_stage": rows}, indent=1))
 print(f"wrote {sys.argv[1]}")
 EOF
+
+echo "== 4. llama-500m bf16, in-process executor vs a plain PyTorch loop (MFU)"
+timeout 420 $PY bench/gpu_mfu.py --steps 20 --out "${OUT:-bench/results}/gpu_mfu.json"

@@ -26,7 +26,8 @@ METHODS = ("full", "random_skip", "skippipe_nc", "skippipe")
 VERIFY_LEVELS = ("off", "states", "full")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 DATA_SOURCES = ("stdlib", "files", "tokens", "hf")
-TOKENIZERS = ("bytes", "bpe")
+TOKENIZERS = ("bytes", "bpe", "hf")
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -40,6 +41,9 @@ class ModelConfig:
     seq_len: Optional[int] = None  # tokens per sample; None: the preset's context length
     init_std: float = 0.02
     rope_theta: float = 10000.0
+    n_kv_heads: Optional[int] = None  # grouped-query attention: key/value heads; None: model.n_heads
+    norm_eps: float = 1e-6  # RMSNorm epsilon
+    hf_path: Optional[str] = None  # a local Hugging Face LLaMA-family directory (config.json + *.safetensors): shape and initial weights
 
 
 @dataclass
@@ -50,7 +54,8 @@ class DataConfig:
     hf_name: Optional[str] = None  # for source=hf: dataset name or local dataset directory
     hf_split: str = "train"
     hf_text_field: str = "text"
-    tokenizer: str = "bytes"  # bytes (vocab 256) or bpe (trained locally with `tokenizers`, cached)
+    tokenizer: str = "bytes"  # bytes (vocab 256), bpe (trained locally with `tokenizers`, cached) or hf (data.hf_tokenizer)
+    hf_tokenizer: Optional[str] = None  # for tokenizer=hf: a local directory holding tokenizer.json (or the file itself)
     bpe_vocab_size: int = 2048
     max_corpus_mb: float = 8.0  # cap on the text read for the default corpus and for files
     val_fraction: float = 0.05
@@ -73,6 +78,10 @@ class TrainConfig:
     eval_every: int = 0  # 0: only at the end
     eval_batches: int = 8
     device: str = "cpu"  # cpu, cuda, or auto
+    precision: str = "fp32"  # fp32, bf16 (autocast, fp32 master weights) or fp16 (autocast + loss scaling)
+    activation_checkpointing: str = "none"  # none, full (recompute each stage's forward in backward) or every_k (every k-th block, e.g. every_2)
+    loss_scale: float = 65536.0  # fp16: the initial loss scale (halved on overflow, doubled after loss_scale_window good steps)
+    loss_scale_window: int = 200  # fp16: good steps in a row before the loss scale doubles
 
 
 @dataclass
@@ -81,7 +90,7 @@ class ScheduleConfig:
     num_stages: int = 4  # ignored when partition_sizes is given (its length wins)
     skip_ratio: float = 0.25  # (S - L) / S: L stages are visited per microbatch, stage 0 included
     partition_sizes: List[int] = field(default_factory=list)  # replicas per stage, stage 0 first
-    memory: int = 3  # microbatches in flight per node (TC1)
+    memory: Optional[int] = 3  # microbatches in flight per node (TC1); null: as many as the smallest node's memory_gb holds (cost model)
     microbatches_per_originator: int = 2  # per stage-0 node per iteration
     max_swaps: int = 2  # SkipPipe rule 2: at most this many reorders per path
     max_swap_distance: int = 1  # a swap goes back at most this many stages below the highest
@@ -109,7 +118,7 @@ class CostConfig:
     bwd_factor: float = 1.5
     loss_factor: float = 0.25
     message_overhead_s: float = 0.0  # added to every off-node transfer (the paper used 0.35)
-    bytes_per_element: int = 4
+    bytes_per_element: Optional[int] = None  # bytes per activation element on the wire; None: of train.precision (4 fp32, 2 bf16/fp16)
     emulate_links: bool = True  # runtime: delay messages by latency + bytes / bandwidth
     measured_ewma: float = 0.3  # weight of a new measurement in the smoothed cost
     grad_sync: bool = True  # simulate each stage's gradient all-reduce after its last backward
@@ -435,6 +444,10 @@ def _check_choices(cfg: Config) -> None:
     _choice(cfg.tracking.wandb.mode, WANDB_MODES, "tracking.wandb.mode")
     _choice(cfg.data.source, DATA_SOURCES, "data.source")
     _choice(cfg.data.tokenizer, TOKENIZERS, "data.tokenizer")
+    _choice(cfg.train.precision, PRECISIONS, "train.precision")
+    from skippipe.model.presets import checkpoint_interval
+
+    checkpoint_interval(cfg.train.activation_checkpointing)
     _choice(cfg.fault.corrupt.tensor, ("param", "grad", "act", "op"), "fault.corrupt.tensor")
     _choice(cfg.fault.rebuild, ("init", "checkpoint", "checkfree"), "fault.rebuild")
 
@@ -442,6 +455,8 @@ def _check_choices(cfg: Config) -> None:
 def _check_numbers(cfg: Config) -> None:
     """The training, schedule and runtime numbers are in range, and resume and overwrite do not clash."""
     _finite_positive(cfg.train.lr, "train.lr", "e.g. train.lr=3e-3")
+    _finite_positive(cfg.train.loss_scale, "train.loss_scale", "e.g. train.loss_scale=65536")
+    _positive(cfg.train.loss_scale_window, "train.loss_scale_window", "e.g. train.loss_scale_window=200")
     if not (math.isfinite(cfg.fault.heartbeat_s) and cfg.fault.heartbeat_s > 0):
         raise ConfigError(f"fault.heartbeat_s={cfg.fault.heartbeat_s} must be a number of seconds > 0, e.g. 2.0")
     if cfg.run.resume and cfg.run.overwrite:
@@ -451,7 +466,8 @@ def _check_numbers(cfg: Config) -> None:
     _positive(cfg.train.samples_per_microbatch, "train.samples_per_microbatch")
     _positive(cfg.schedule.microbatches_per_originator, "schedule.microbatches_per_originator",
               "every stage-0 node starts at least one microbatch per iteration")
-    _positive(cfg.schedule.memory, "schedule.memory", "a node must hold at least one microbatch")
+    if cfg.schedule.memory is not None:
+        _positive(cfg.schedule.memory, "schedule.memory", "a node must hold at least one microbatch (null: derive it from memory_gb)")
     _positive(cfg.runtime.timeout_s, "runtime.timeout_s")
     if not 0.0 < cfg.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be in (0, 1)")

@@ -3,7 +3,8 @@
 Per microbatch on node n holding stage k: forward ``f = layers_k * samples * fwd_s_per_sample_layer
 / speed_n`` when ``cost.fwd_s_per_sample_layer`` is set (the SkipPipe reference's 0.055 s), else
 ``layers_k * samples * seq * flops_per_token_layer / (flops_per_s * speed_n)``; backward
-``bwd_factor * f``; loss and head at the originator ``loss_factor * f(stage 0)``. Transfer a -> b:
+``bwd_factor * f``, plus the recomputed blocks' forward with activation checkpointing; loss and
+head at the originator ``loss_factor * f(stage 0)``. Transfer a -> b:
 ``latency + bytes / bandwidth + message_overhead_s`` (0 on the same node). Gradient reduction of a
 stage: a ring all-reduce over its slowest link. Measured values are folded in with an EWMA and
 replace the modelled ones (``observe_compute``; ``observe_link_estimate``: a link's measured
@@ -16,11 +17,13 @@ from typing import Dict, Iterable, List, Sequence, Tuple
 
 import numpy as np
 
-from skippipe.model.presets import ModelSpec
+from skippipe.model.presets import ModelSpec, checkpoint_interval
 from skippipe.model.transformer import split_layers as stage_layer_ids
 from skippipe.topology import Topology
 
 PHASE_NAMES = ("F", "L", "B")
+PARAM_BYTES = 4  # master weights, gradients and AdamW moments stay fp32 in every precision
+ACTS_PER_LAYER = 16  # activations a block keeps for its backward, in hidden-size tensors (rough)
 
 
 def split_layers(n_layers: int, num_stages: int) -> List[int]:
@@ -35,7 +38,7 @@ class CostModel:
     def __init__(self, topology: Topology, spec: ModelSpec, num_stages: int, samples: int, *,
                  fwd_s_per_sample_layer=None, flops_per_s: float = 5e10, bwd_factor: float = 1.5,
                  loss_factor: float = 0.25, message_overhead_s: float = 0.0, bytes_per_element: int = 4,
-                 measured_ewma: float = 0.3, grad_sync: bool = True):
+                 measured_ewma: float = 0.3, grad_sync: bool = True, checkpoint_every: int = 0):
         self.topology = topology
         self.spec = spec
         self.num_stages = num_stages
@@ -49,6 +52,7 @@ class CostModel:
         self.measured_ewma = measured_ewma
         self.grad_sync = grad_sync
         self.layers_per_stage = split_layers(spec.n_layers, num_stages)
+        self.checkpoint_every = checkpoint_every  # train.activation_checkpointing: 0 none, k every k-th block
         self.activation_bytes = samples * spec.seq_len * spec.dim * bytes_per_element
         self._measured_compute: Dict[Tuple[str, int, str], float] = {}
         self._node_ratio: Dict[str, float] = {}
@@ -62,12 +66,14 @@ class CostModel:
     def from_config(cls, cfg, spec: ModelSpec, topology: Topology) -> "CostModel":
         from skippipe.plan import num_stages
 
-        c = cfg.cost
-        return cls(topology, spec, num_stages(cfg.schedule), cfg.train.samples_per_microbatch,
+        c, train = cfg.cost, cfg.train
+        element = c.bytes_per_element or (4 if train.precision == "fp32" else 2)
+        return cls(topology, spec, num_stages(cfg.schedule), train.samples_per_microbatch,
                    fwd_s_per_sample_layer=c.fwd_s_per_sample_layer, flops_per_s=c.flops_per_s,
                    bwd_factor=c.bwd_factor, loss_factor=c.loss_factor, message_overhead_s=c.message_overhead_s,
-                   bytes_per_element=c.bytes_per_element, measured_ewma=c.measured_ewma,
-                   grad_sync=getattr(c, "grad_sync", True))
+                   bytes_per_element=element, measured_ewma=c.measured_ewma,
+                   grad_sync=getattr(c, "grad_sync", True),
+                   checkpoint_every=checkpoint_interval(train.activation_checkpointing))
 
     # -- compute --------------------------------------------------------------------------------
     def modelled_fwd_s(self, node: str, stage: int) -> float:
@@ -82,8 +88,16 @@ class CostModel:
         if phase == "F":
             return self.modelled_fwd_s(node, stage)
         if phase == "B":
-            return self.bwd_factor * self.modelled_fwd_s(node, stage)
+            fwd = self.modelled_fwd_s(node, stage)
+            return self.bwd_factor * fwd + fwd * self.recomputed_fraction(stage)
         return self.loss_factor * self.modelled_fwd_s(node, 0)
+
+    def recomputed_fraction(self, stage: int) -> float:
+        """Share of the stage's blocks whose forward runs again in the backward (blocks 0, k, 2k, ...)."""
+        layers = self.layers_per_stage[stage]
+        if not self.checkpoint_every or not layers:
+            return 0.0
+        return -(-layers // self.checkpoint_every) / layers
 
     def _time(self, node: str, stage: int, phase: str) -> float:
         measured = self._measured_compute.get((node, stage, phase))
@@ -148,16 +162,32 @@ class CostModel:
         params = self.layers_per_stage[stage] * self.spec.layer_params()
         if stage == 0:
             params += 2 * self.spec.vocab_size * self.spec.dim + self.spec.dim
-        return params * self.bytes_per_element
+        return params * PARAM_BYTES
+
+    def microbatch_memory_bytes(self, stage: int) -> float:
+        """Activations one microbatch in flight keeps on a node of ``stage`` until its backward:
+        about ``ACTS_PER_LAYER`` hidden-size tensors per block (a rough, documented estimate), one
+        (the block's input) per checkpointed block."""
+        layers = max(1, self.layers_per_stage[stage])
+        checkpointed = round(self.recomputed_fraction(stage) * layers)
+        return self.activation_bytes * (ACTS_PER_LAYER * (layers - checkpointed) + checkpointed)
 
     def stage_memory_bytes(self, stage: int, memory: int) -> float:
-        """Weights, gradients and AdamW moments (4x params) plus ``memory`` microbatches of activations.
+        """Weights, gradients and AdamW moments (4x params) plus ``memory`` microbatches of activations
+        (and, with checkpointing, one block's full activations while it is recomputed)."""
+        recompute = self.activation_bytes * ACTS_PER_LAYER if self.checkpoint_every else 0.0
+        return 4.0 * self.stage_param_bytes(stage) + memory * self.microbatch_memory_bytes(stage) + recompute
 
-        Activations kept per layer for the backward: about 16 tensors of the hidden size (a rough,
-        documented estimate; only used to keep a stage off nodes that cannot hold it).
-        """
-        acts = memory * self.activation_bytes * 16 * max(1, self.layers_per_stage[stage])
-        return 4.0 * self.stage_param_bytes(stage) + acts
+    def derived_memory(self, most: int) -> int:
+        """TC1 microbatches in flight when ``schedule.memory`` is null: as many as every node could hold
+        of the stage that needs the most memory (at least 1; more than ``most``, the microbatches of an
+        iteration, would change nothing)."""
+        fits = []
+        for node in self.topology.nodes:
+            for stage in range(self.num_stages):
+                free = node.memory_gb * 2**30 - self.stage_memory_bytes(stage, 0)  # GiB, as allocate()
+                fits.append(int(free // self.microbatch_memory_bytes(stage)))
+        return max(1, min([most, *fits]))
 
     def allreduce_s(self, stage: int, nodes: Iterable[str]) -> float:
         """Ring all-reduce of the stage's gradients over its slowest link (0 for one replica)."""
@@ -262,3 +292,12 @@ class CachedCost:
 
     def __getattr__(self, name):
         return getattr(self.cost, name)
+
+
+def resolve_memory(cfg, cost: CostModel) -> int:
+    """``schedule.memory``, derived from the nodes' ``memory_gb`` when null (written into ``cfg``, so
+    the run's saved config, its workers and its replay use the same number)."""
+    if cfg.schedule.memory is None:
+        most = len(cost.topology.nodes) * cfg.schedule.microbatches_per_originator
+        cfg.schedule.memory = cost.derived_memory(most)
+    return cfg.schedule.memory

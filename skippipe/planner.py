@@ -20,13 +20,14 @@ log = logging.getLogger(__name__)
 
 class Planner:
     def __init__(self, cfg, spec):
-        from skippipe.cost import CostModel
+        from skippipe.cost import CostModel, resolve_memory
         from skippipe.schedule import LiveState, allocate, allocate_by_plan, as_params
         from skippipe.topology import load_topology
 
         self.cfg = cfg
         self.topology = load_topology(cfg)
         self.cost = CostModel.from_config(cfg, spec, self.topology)
+        resolve_memory(cfg, self.cost)
         params = as_params(cfg)
         # the allocation judged by its routed plan comes with that plan (step 0, no live state):
         # the first step uses it instead of routing the same problem again

@@ -30,11 +30,14 @@ def final_params(run):
     return {k: torch.load(Path(run) / "final" / f"stage{k}.pt", weights_only=True) for k in range(4)}
 
 
-@pytest.mark.parametrize("method", ["full", "skippipe"])
-def test_local_equals_inprocess_bitwise(tmp_path, method):
+@pytest.mark.parametrize("method,precision,checkpointing", [
+    ("full", "fp32", "none"), ("skippipe", "fp32", "none"),
+    ("skippipe", "bf16", "full"), ("skippipe", "fp16", "every_2")])
+def test_local_equals_inprocess_bitwise(tmp_path, method, precision, checkpointing):
     ref, dist_run = tmp_path / "ref", tmp_path / "local"
-    common = ["configs/tiny.yaml", *SMALL, "train.steps=3", f"schedule.method={method}"]
-    assert main(["train", *common, f"run.dir={ref}"]) == 0
+    common = ["configs/tiny.yaml", *SMALL, "train.steps=3", f"schedule.method={method}",
+              f"train.precision={precision}", f"train.activation_checkpointing={checkpointing}"]
+    assert main(["train", *common, f"run.dir={ref}", "launcher=inprocess"]) == 0
     # the same routes, executed by 6 worker processes (with emulated links, which must not change numbers)
     assert main(["train", *common, f"run.dir={dist_run}", "launcher=local", f"schedule.routes_from={ref}",
                  "cost.emulate_links=true"]) == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 from typing import Dict
 
@@ -65,3 +66,16 @@ def resolve_model_spec(model_cfg, vocab_size: int | None = None) -> ModelSpec:
         raise ConfigError(f"model.dim={spec.dim} must be a multiple of 2*model.n_heads={2 * spec.n_heads} "
                           "(rotary embeddings need an even head size)")
     return spec
+
+
+def checkpoint_interval(value: str) -> int:
+    """``train.activation_checkpointing`` as a block interval: 0 none, 1 full (every block), k every_k."""
+    if value == "none":
+        return 0
+    if value == "full":
+        return 1
+    match = re.fullmatch(r"every_([1-9][0-9]*)", str(value))
+    if not match:
+        raise ConfigError(f"train.activation_checkpointing={value!r} is not none, full or every_k "
+                          "(k >= 1 blocks, e.g. every_2)")
+    return int(match.group(1))

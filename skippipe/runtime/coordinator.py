@@ -10,6 +10,7 @@ times back into the cost model, logs metrics and the executed route. Two executo
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -77,14 +78,14 @@ class InProcessExecutor:
         return entries
 
     def step(self, plan: Plan, step: int, lr: float, data, checkpoint: Optional[dict] = None,
-             meanwhile: Optional[Callable[[Plan], None]] = None) -> StepOutcome:
+             meanwhile: Optional[Callable[[Plan], None]] = None, loss_scale: float = 1.0) -> StepOutcome:
         cfg = self.cfg
         if meanwhile is not None:
             meanwhile(plan)
         written = self._checkpoint(checkpoint)
         mbs = [data.microbatch(cfg.run.seed, step, r.id, cfg.train.samples_per_microbatch,
                                self.reference.spec.seq_len) for r in plan.microbatches]
-        result = self.reference.step(plan, mbs, lr, level=cfg.verify.level)
+        result = self.reference.step(plan, mbs, lr, level=cfg.verify.level, loss_scale=loss_scale)
         self.plan = plan
         return StepOutcome(result.losses, result.grad_norm, leaves=result.leaves, checkpoint=written)
 
@@ -133,7 +134,12 @@ def measured_stats(outcome: StepOutcome, plan: Plan, iter_s: float) -> Dict[str,
             busy.setdefault(stage_of[node], []).append(sum(report["compute_s"].values()) / max(iter_s, 1e-9))
     stats = {f"stage/{s}/busy_frac": sum(v) / len(v) for s, v in sorted(busy.items())}
     stats["time/recv_wait_s"] = max(r["recv_wait_s"] for r in outcome.node_reports.values())
-    stats["memory/peak_rss_mb"] = max(r["peak_rss_mb"] for r in outcome.node_reports.values())
+    reports = outcome.node_reports.values()
+    stats["memory/peak_rss_mb"] = max(r["peak_rss_mb"] for r in reports)
+    stats["memory/train_rss_mb"] = max(r["peak_rss_mb"] - (r.get("base_rss_mb") or r["peak_rss_mb"]) for r in reports)
+    messages = sum(r.get("sent_messages", 0) for r in reports)
+    if messages:
+        stats["net/bytes_per_message"] = sum(r.get("sent_bytes", 0) for r in reports) / messages
     return stats
 
 
@@ -176,6 +182,7 @@ class Coordinator:
         executor = self.make_executor(spec, len(planner.allocation))
         executor.start([n.name for n in planner.topology.nodes], data.vocab_size)
         self.first_step = self._resume(out, executor, resume_step)
+        self.scaler = scaler_at(cfg, out, self.first_step)
         appending = self.first_step > 0
         metrics, routes = MetricsLogger(out, cfg, append=appending), RouteLog(out, append=appending)
         self.recorder = RunRecorder(cfg, out, self._header_extra(),
@@ -197,7 +204,9 @@ class Coordinator:
         """What the workers actually use (the ledger header records it; comparisons check it)."""
         from skippipe.process import resolve_device
 
-        return {"threads": self.cfg.run.threads, "device": resolve_device(self.cfg.train.device)}
+        train = self.cfg.train
+        return {"threads": self.cfg.run.threads, "device": resolve_device(train.device),
+                "precision": train.precision, "activation_checkpointing": train.activation_checkpointing}
 
     def _resume(self, out: Path, executor, step: Optional[int]) -> int:
         """``run.resume``: continue after the newest verified checkpoint ``step`` (checked by
@@ -248,8 +257,10 @@ class Coordinator:
             for step in range(self.first_step, cfg.train.steps):
                 t0 = time.perf_counter()
                 lr = lr_at(step, cfg.train)
+                loss_scale = self.scaler.scale
                 plan, outcome = monitor.execute(planner, executor, step, lr, data, checkpoint,  # redone on failure
-                                                meanwhile=meanwhile)
+                                                meanwhile=meanwhile, loss_scale=loss_scale)
+                self.scaler.update(outcome.grad_norm)
                 self._record(step, plan, outcome, executor, checkpoint)
                 checkpoint = ({"step": step, "dir": str(recorder.temp_dir(step))}
                               if recorder.checkpoint_due(step) else None)
@@ -263,8 +274,7 @@ class Coordinator:
                 monitor.after_step(planner, outcome, plan, step, warm)
                 record = self._step_record(planner, executor, step, lr, plan, outcome, iter_s,
                                            predicted.pop("s", None), step_tokens)
-                if outcome.rebuilt:
-                    plan = replace(plan, extra={**plan.extra, "rebuilt": outcome.rebuilt})
+                plan = self._as_recorded(plan, outcome, loss_scale)
                 pending.append(partial(self._log_step, metrics, routes, bar, record, plan, outcome,
                                        monitor.generation, warm))
         finally:  # the last step's line (also when a step failed for good)
@@ -274,6 +284,15 @@ class Coordinator:
         return self._finish(planner, executor, data, spec, metrics, out, checkpoint,
                             {"loss/train": record.get("loss/train"), "time/wall_s": time.perf_counter() - start,
                              "tokens": tokens})
+
+    def _as_recorded(self, plan: Plan, outcome: StepOutcome, loss_scale: float) -> Plan:
+        """The plan as routes.jsonl records it: with what the replay must redo (stages restarted, the
+        fp16 loss scale)."""
+        if outcome.rebuilt:
+            plan = replace(plan, extra={**plan.extra, "rebuilt": outcome.rebuilt})
+        if self.scaler.enabled:
+            plan = replace(plan, extra={**plan.extra, "loss_scale": loss_scale})
+        return plan
 
     def _step_record(self, planner, executor, step: int, lr: float, plan: Plan, outcome: StepOutcome,
                      iter_s: float, predicted_s: Optional[float], step_tokens: int) -> Dict[str, Any]:
@@ -352,3 +371,17 @@ def train_inprocess(cfg: Config) -> Dict[str, Any]:
     pin_threads(cfg.run.threads)
     device = resolve_device(cfg.train.device)
     return Coordinator(cfg, lambda spec, num_stages: InProcessExecutor(cfg, spec, num_stages, device)).run()
+
+
+def scaler_at(cfg, out: Path, first_step: int):
+    """The fp16 loss scaler at the start of ``first_step``: its rule run over the recorded global
+    gradient norms of the steps before (a resumed run continues at the scale it stopped at)."""
+    from skippipe.train.optim import LossScaler
+
+    scaler = LossScaler(cfg.train)
+    if scaler.enabled and first_step > 0 and (out / "metrics.jsonl").is_file():
+        for line in (out / "metrics.jsonl").read_text().splitlines():
+            record = json.loads(line) if line.strip() else {}
+            if "time/iter_s" in record and record.get("step", first_step) < first_step:
+                scaler.update(float(record["grad_norm"]))
+    return scaler

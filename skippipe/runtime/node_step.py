@@ -39,7 +39,8 @@ class PendingUpdate:
     lr: float
 
 
-def _peak_rss_mb() -> float:
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (MB)."""
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
@@ -49,8 +50,8 @@ class NodeStep:
     """Runs one step of ``plan`` on a worker (:class:`~skippipe.runtime.worker.Worker`: its stage,
     data, groups of the current generation and fault injector)."""
 
-    def __init__(self, worker, plan: Plan, step: int):
-        self.w, self.plan, self.step = worker, plan, step
+    def __init__(self, worker, plan: Plan, step: int, loss_scale: float = 1.0):
+        self.w, self.plan, self.step, self.loss_scale = worker, plan, step, loss_scale
         self.times = StepTimes()
         self.leaves: Dict[str, str] = {}
         self.pending: Optional[PendingUpdate] = None
@@ -58,7 +59,8 @@ class NodeStep:
         stage = worker.stage
         self.acc = compute.GradAccumulator(stage, plan.visits_of(worker.me)) if stage is not None else None
         self.act_shape = (worker.cfg.train.samples_per_microbatch, worker.spec.seq_len, worker.spec.dim)
-        self.dtype = next(stage.parameters()).dtype if stage is not None else torch.float32
+        self.mode = worker.mode
+        self.dtype = self.mode.wire_dtype  # what activations and their gradients travel in
         self.saved: Dict[int, compute.Saved] = {}  # microbatch -> what its backward needs
         self.targets: Dict[int, torch.Tensor] = {}  # microbatch -> its targets, until its loss (originator)
 
@@ -68,6 +70,7 @@ class NodeStep:
         start = time.perf_counter()
         transport.recv_wait_s = transport.emulated_delay_s = 0.0
         transport.link_samples = []
+        sent = transport.bytes_sent, transport.messages_sent
         hook = w.faults.op_hook(w.stage, self.step)
         try:
             losses = self._run_actions()
@@ -84,7 +87,8 @@ class NodeStep:
                 "reduce_s": times.reduce_s, "grad_norm": grad_norm,
                 "recv_wait_s": transport.recv_wait_s, "emulated_delay_s": transport.emulated_delay_s,
                 "links": link_estimates(transport.link_samples), "step_s": time.perf_counter() - start,
-                "node": w.me, "stage": w.stage_id, "peak_rss_mb": _peak_rss_mb()}
+                "sent_bytes": transport.bytes_sent - sent[0], "sent_messages": transport.messages_sent - sent[1],
+                "node": w.me, "stage": w.stage_id, "peak_rss_mb": peak_rss_mb(), "base_rss_mb": w.base_rss_mb}
 
     def _timed(self, phase: str, fn, *args):
         """Run one compute phase; record wall time (what the pipeline waits for) and, on CPU, this
@@ -127,7 +131,7 @@ class NodeStep:
                 self.leaves.update(data_leaf(mb))
         else:
             x = self.transport.recv(nodes[i - 1], step, mb_id, ACT, self.act_shape, self.dtype)
-        out, self.saved[mb_id] = self._timed("F", compute.forward, w.stage, x)
+        out, self.saved[mb_id] = self._timed("F", compute.forward, w.stage, x, self.mode)
         if w.faults.corrupting(step, "act"):
             out = w.faults.corrupt_activation(out)
         if w.level == "full":
@@ -138,7 +142,7 @@ class NodeStep:
         w, step = self.w, self.step
         hidden = self.transport.recv(nodes[-1], step, mb_id, ACT, self.act_shape, self.dtype)
         loss, grad, head_grads = self._timed("L", compute.loss_and_head_grads, w.stage, hidden,
-                                             self.targets.pop(mb_id))
+                                             self.targets.pop(mb_id), self.mode, self.loss_scale)
         self.acc.add(mb_id, compute.head_params(w.stage), head_grads)
         if w.level == "full":
             self.leaves.update(hop_leaf("grad", mb_id, len(nodes) - 1, 0, grad))
@@ -172,7 +176,7 @@ class NodeStep:
                 totals = [torch.empty_like(mine) for _ in groups.stage_members]
                 groups.collective(groups.stage_group.allgather([totals], [mine]))
                 self.transport.emulate_allreduce(groups.stage_members, mine.numel() * mine.element_size())
-            grad = compute.reduce_replicas(totals, len(self.plan.microbatches))
+            grad = compute.reduce_replicas(totals, len(self.plan.microbatches), self.loss_scale)
         per_stage = self._stage_sq_norms(grad)
         norm, scale = compute.clip_coefficient([per_stage[k] for k in sorted(per_stage)], w.cfg.train.grad_clip)
         if w.level != "off":

@@ -20,7 +20,7 @@ from skippipe.plan import Plan
 
 # what a worker report keeps in routes.jsonl (``timings``): enough to replay the predictor
 TIMING_KEYS = ("compute_s", "compute_n", "compute_cpu_s", "recv_wait_s", "emulated_delay_s", "reduce_s", "step_s",
-               "links", "cpu_s")
+               "links", "cpu_s", "sent_bytes", "sent_messages", "peak_rss_mb", "base_rss_mb")
 
 
 def step_timings(outcome) -> Dict[str, Dict[str, Any]]:

@@ -154,7 +154,7 @@ class RemoteExecutor:
         self.load_dir = str(directory)
 
     def step(self, plan: Plan, step: int, lr: float, data=None, checkpoint: Optional[dict] = None,
-             meanwhile: Optional[Callable[[Plan], None]] = None):
+             meanwhile: Optional[Callable[[Plan], None]] = None, loss_scale: float = 1.0):
         """Send the step's command, run ``meanwhile(plan)`` (the coordinator's own work, while the
         workers compute), gather the reports."""
         from skippipe.runtime.outcome import StepOutcome
@@ -162,7 +162,8 @@ class RemoteExecutor:
         index = self.command_index
         rebuilt = {str(k): v for k, v in sorted(self.origin.items())}  # the replay must do the same
         self.control.command(index, {"step": step, "generation": self.generation, "members": self.members,
-                                     "lr": lr, "plan": plan.to_dict(), "commit_step": self.commit_step,
+                                     "lr": lr, "loss_scale": loss_scale, "plan": plan.to_dict(),
+                                     "commit_step": self.commit_step,
                                      "sync": {str(k): v for k, v in self.sync.items()},
                                      "rebuild": {str(k): v for k, v in self.rebuild.items()},
                                      "restore": {str(k): v for k, v in self.restore.items()},

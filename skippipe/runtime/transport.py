@@ -174,7 +174,8 @@ class Transport:
         self.links = links
         self._pending: List[Tuple[dist.Work, torch.Tensor]] = []
         self._link_free_at: Dict[str, float] = {}
-        self.bytes_sent = 0
+        self.bytes_sent = 0  # payload bytes and messages sent (headers not counted)
+        self.messages_sent = 0
         self.recv_wait_s = 0.0
         self.emulated_delay_s = 0.0
         self.link_samples: List[LinkSample] = []  # this step's; the worker reports and resets them
@@ -192,6 +193,7 @@ class Transport:
         for payload in (header, tensor):
             self._pending.append((self.pg.send([payload], peer, tag), payload))
         self.bytes_sent += tensor.numel() * tensor.element_size()
+        self.messages_sent += 1
 
     def flush(self) -> None:
         """Wait for every outstanding send (end of step); buffers stay referenced until then."""

@@ -35,8 +35,9 @@ from skippipe.runtime import node_state
 from skippipe.runtime.control import ControlChannel, connect_store
 from skippipe.runtime.groups import GenerationGroups
 from skippipe.runtime.inject import FaultInjector, slow_links_at
-from skippipe.runtime.node_step import NodeStep, PendingUpdate
+from skippipe.runtime.node_step import NodeStep, PendingUpdate, peak_rss_mb
 from skippipe.runtime.transport import Aborted, LinkModel, TransportError, Waiter
+from skippipe.train import compute
 from skippipe.verify.leaves import state_digests
 
 log = logging.getLogger("skippipe.worker")
@@ -96,6 +97,7 @@ class Worker:
         self.level = self.cfg.verify.level
         self.state_report: Optional[Dict[str, Any]] = None  # digests after the last committed update
         self._link_names: List[str] = []
+        self.base_rss_mb: Optional[float] = None
 
     @property
     def generation(self) -> int:
@@ -126,6 +128,7 @@ class Worker:
             self.stage = build_stages(self.spec, plan.num_stages, cfg.run.seed, only=[self.stage_id])[self.stage_id]
             self.stage.to(self.device)
             self.optimizer = make_optimizer(self.stage, cfg.train)
+        self.mode = compute.mode_of(cfg.train, self.device)
         if self.stage_id == 0 and not hasattr(self, "data"):
             from skippipe.data import load_data
 
@@ -136,6 +139,8 @@ class Worker:
         self.groups.form(backend, self.control.raw, plan, self.stage_id, command["members"], command["generation"],
                          self._links(command.get("added") or []))
         self._copy_stages(command, plan)
+        if self.base_rss_mb is None:  # before the first step: the process, its stage and groups
+            self.base_rss_mb = peak_rss_mb()
 
     def _links(self, added: List[Dict[str, Any]]) -> Optional[LinkModel]:
         """The emulated links (``cost.emulate_links``) of the topology and the nodes added to the
@@ -182,12 +187,12 @@ class Worker:
             if self.level != "off":
                 self.state_report = {"step": pending.step, "digests": state_digests(self.stage, self.optimizer)}
 
-    def step(self, plan: Plan, step: int, lr: float) -> Dict[str, Any]:
+    def step(self, plan: Plan, step: int, lr: float, loss_scale: float = 1.0) -> Dict[str, Any]:
         self.faults.start_step(step)
         transport = self.groups.transport
         if transport.links is not None:
             transport.links.factor = slow_links_at(self.cfg.fault, step, self._link_names)
-        run = NodeStep(self, plan, step)
+        run = NodeStep(self, plan, step, loss_scale)
         report = run.run(lr)
         self.pending = run.pending
         return {**report, "cpu_s": self._cpu_since_last_report(), "control_rejected": self.control.rejected}
@@ -324,7 +329,7 @@ def serve(env: WorkerEnv, control: ControlChannel, namespace: str = "") -> None:
                     worker.setup(command, plan)
                 if command.get("load"):
                     worker.load_checkpoint(command["load"])
-                control.report(index, worker.me, {**worker.step(plan, command["step"], command["lr"]), **extra},
+                control.report(index, worker.me, {**worker.step(plan, command["step"], command["lr"], command.get("loss_scale", 1.0)), **extra},
                                expected)
             except Exception as err:  # report, drop this generation's groups, wait for the next command
                 info = {**describe_error(err), "state": extra.get("state") or worker.take_state_report(),

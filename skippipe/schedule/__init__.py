@@ -33,13 +33,15 @@ def allocation_for(topology, cost, params, method: Optional[str] = None):
 
 def build_cost(cfg):
     """(topology, model spec, cost model) for a config."""
-    from skippipe.cost import CostModel
+    from skippipe.cost import CostModel, resolve_memory
     from skippipe.model.presets import resolve_model_spec
     from skippipe.topology import load_topology
 
     topology = load_topology(cfg)
     spec = resolve_model_spec(cfg.model, vocab_size=cfg.model.vocab_size or 256)
-    return topology, spec, CostModel.from_config(cfg, spec, topology)
+    cost = CostModel.from_config(cfg, spec, topology)
+    resolve_memory(cfg, cost)
+    return topology, spec, cost
 
 
 def make_plan(cfg, state: Optional[LiveState] = None, step: int = 0, method: Optional[str] = None):

@@ -13,16 +13,68 @@ count. A node's work on one microbatch has up to three phases (DESIGN.md section
 
 Gradients are flat float vectors over ``stage.parameters()`` in order, and a node accumulates them
 in microbatch-id order, whatever order the microbatches arrive in.
+
+A :class:`Mode` says how (``train.precision``, ``train.activation_checkpointing``): in bf16 or fp16
+the phases run under autocast with fp32 master weights and fp32 gradients, the residual stream
+inside a stage stays fp32, and what travels between nodes (activations and their gradients) is the
+compute dtype, half the bytes. With activation checkpointing, every k-th block keeps only its input
+and recomputes its forward in the backward (``torch.utils.checkpoint``, non-reentrant).
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
+from skippipe.model.presets import checkpoint_interval
 from skippipe.model.transformer import Stage
+
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Mode:
+    """How a node computes. ``autocast``: the compute dtype (None: plain fp32); ``checkpoint_every``:
+    0 keeps every activation, k recomputes every k-th block of a stage in the backward."""
+
+    autocast: Optional[torch.dtype] = None
+    checkpoint_every: int = 0
+    device_type: str = "cpu"
+
+    @property
+    def wire_dtype(self) -> torch.dtype:
+        """The dtype of the activations and gradients sent between nodes."""
+        return self.autocast or torch.float32
+
+    def context(self):
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.autocast)
+
+
+FP32 = Mode()
+
+
+def mode_of(train_cfg, device="cpu") -> Mode:
+    """The :class:`Mode` of ``train.precision`` and ``train.activation_checkpointing`` on ``device``."""
+    return Mode(AUTOCAST_DTYPES[train_cfg.precision], checkpoint_interval(train_cfg.activation_checkpointing),
+                torch.device(device).type)
+
+
+def run_blocks(stage: Stage, hidden: torch.Tensor, checkpoint_every: int = 0) -> torch.Tensor:
+    """The stage's blocks in order; with ``checkpoint_every`` k, blocks 0, k, 2k, ... of the stage
+    keep only their input and run again in the backward."""
+    for index, block in enumerate(stage.blocks):
+        if checkpoint_every and index % checkpoint_every == 0:
+            hidden = checkpoint(block, hidden, use_reentrant=False)
+        else:
+            hidden = block(hidden)
+    return hidden
 
 
 def head_params(stage: Stage) -> List[torch.nn.Parameter]:
@@ -53,24 +105,30 @@ class Saved:
     out: torch.Tensor  # this node's forward output, with its graph
 
 
-def forward(stage: Stage, hidden_or_tokens: torch.Tensor) -> Tuple[torch.Tensor, Saved]:
-    """Phase F. Returns (activation to send, saved state). Shapes: tokens (b, t); hidden (b, t, d)."""
-    with torch.enable_grad():
+def forward(stage: Stage, hidden_or_tokens: torch.Tensor, mode: Mode = FP32) -> Tuple[torch.Tensor, Saved]:
+    """Phase F. Returns (activation to send, in ``mode.wire_dtype``; saved state). Shapes: tokens
+    (b, t); hidden (b, t, d)."""
+    with torch.enable_grad(), mode.context():
         if stage.stage_id == 0 and not hidden_or_tokens.is_floating_point():
-            out = stage(stage.embed_tokens(hidden_or_tokens))
-            return out.detach(), Saved(None, out)
-        inp = hidden_or_tokens.detach().requires_grad_(True)
-        out = stage(inp)
+            inp, hidden = None, stage.embed_tokens(hidden_or_tokens)
+        else:
+            inp = hidden_or_tokens.detach().requires_grad_(True)
+            hidden = inp if mode.autocast is None else inp.float()  # the residual stream stays fp32
+        out = run_blocks(stage, hidden, mode.checkpoint_every)
+        if mode.autocast is not None:
+            out = out.to(mode.autocast)
     return out.detach(), Saved(inp, out)
 
 
-def loss_and_head_grads(stage: Stage, hidden: torch.Tensor, targets: torch.Tensor):
-    """Phase L at the originator. Returns (loss value, grad of ``hidden``, head parameter grads)."""
-    with torch.enable_grad():
+def loss_and_head_grads(stage: Stage, hidden: torch.Tensor, targets: torch.Tensor, mode: Mode = FP32,
+                        loss_scale: float = 1.0):
+    """Phase L at the originator. Returns (loss value, grad of ``hidden``, head parameter grads);
+    the gradients are of ``loss * loss_scale`` (fp16 loss scaling; 1 otherwise)."""
+    with torch.enable_grad(), mode.context():
         inp = hidden.detach().requires_grad_(True)
-        loss = stage.loss(inp, targets)
+        loss = stage.loss(inp if mode.autocast is None else inp.float(), targets)
         params = head_params(stage)
-        grads = torch.autograd.grad(loss, [inp, *params])
+        grads = torch.autograd.grad(loss if loss_scale == 1.0 else loss * loss_scale, [inp, *params])
     return loss.detach(), grads[0], list(grads[1:])
 
 
@@ -137,13 +195,15 @@ class GradAccumulator:
         return self.total
 
 
-def reduce_replicas(node_totals: List[torch.Tensor], num_microbatches: int) -> torch.Tensor:
+def reduce_replicas(node_totals: List[torch.Tensor], num_microbatches: int, loss_scale: float = 1.0) -> torch.Tensor:
     """A stage's gradient: replica sums added in allocation order, then divided by the iteration's
-    microbatch count (DESIGN.md section 6: replicas combine by sum; a skip contributes zero)."""
+    microbatch count (DESIGN.md section 6: replicas combine by sum; a skip contributes zero) and by
+    the loss scale the gradients were computed at (a power of two: exact)."""
     total = torch.zeros_like(node_totals[0])
     for node_total in node_totals:
         total = total + node_total
-    return total / num_microbatches
+    total = total / num_microbatches
+    return total if loss_scale == 1.0 else total / loss_scale
 
 
 def grad_sq_norm(flat_grad: torch.Tensor) -> torch.Tensor:
@@ -151,11 +211,14 @@ def grad_sq_norm(flat_grad: torch.Tensor) -> torch.Tensor:
 
 
 def clip_coefficient(stage_sq_norms: List[torch.Tensor], max_norm: float) -> Tuple[float, float]:
-    """Global norm over all stages, summed in stage order; returns (norm, scale <= 1)."""
+    """Global norm over all stages, summed in stage order; returns (norm, scale <= 1). A norm that is
+    not finite (an fp16 overflow) gives scale 0: the step is skipped on every stage."""
     total = torch.zeros((), dtype=torch.float64)
     for sq in stage_sq_norms:
         total = total + sq.to(torch.float64).cpu()
     norm = float(total.sqrt())
+    if not math.isfinite(norm):
+        return norm, 0.0
     if max_norm <= 0:
         return norm, 1.0
     return norm, min(1.0, max_norm / (norm + 1e-6))

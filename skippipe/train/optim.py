@@ -34,9 +34,12 @@ def lr_at(step: int, train_cfg) -> float:
 
 
 def apply_step(stage: Stage, optimizer: torch.optim.AdamW, flat_grad: torch.Tensor, scale: float, lr: float) -> None:
-    """Clip (by the global ``scale``), set gradients, and take one AdamW step at ``lr``."""
+    """Clip (by the global ``scale``), set gradients, and take one AdamW step at ``lr``. Scale 0
+    (the global norm was not finite: an fp16 overflow) skips the step: nothing changes."""
     from skippipe.train.compute import set_flat_grads
 
+    if scale == 0.0:
+        return
     if scale != 1.0:
         flat_grad = flat_grad * scale
     set_flat_grads(stage, flat_grad)
@@ -44,3 +47,35 @@ def apply_step(stage: Stage, optimizer: torch.optim.AdamW, flat_grad: torch.Tens
         group["lr"] = lr
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+
+
+class LossScaler:
+    """fp16 dynamic loss scaling, the same on every node: each keeps its own copy and updates it from
+    the global gradient norm of every committed step (which all nodes agree on), so no extra message
+    is needed. Halved after a step whose norm overflowed (that step is skipped), doubled after
+    ``window`` good steps in a row; 1.0 always in fp32 and bf16."""
+
+    def __init__(self, train_cfg):
+        self.enabled = train_cfg.precision == "fp16"
+        self.scale = float(train_cfg.loss_scale) if self.enabled else 1.0
+        self.window = int(train_cfg.loss_scale_window)
+        self.good_steps = 0
+
+    def update(self, grad_norm: float) -> None:
+        if not self.enabled:
+            return
+        if not math.isfinite(grad_norm):
+            self.scale = max(self.scale / 2.0, 1.0)
+            self.good_steps = 0
+            return
+        self.good_steps += 1
+        if self.good_steps >= self.window:
+            self.scale *= 2.0
+            self.good_steps = 0
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "good_steps": self.good_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.enabled and state:
+            self.scale, self.good_steps = float(state["scale"]), int(state["good_steps"])

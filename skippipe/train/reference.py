@@ -38,7 +38,8 @@ class StepResult:
 
 
 def microbatch_gradients(stages, stage_of: Dict[str, int], mb_route, microbatch: Microbatch,
-                         accumulators, on_send: Optional[Callable] = None) -> float:
+                         accumulators, on_send: Optional[Callable] = None, mode: compute.Mode = compute.FP32,
+                         loss_scale: float = 1.0) -> float:
     """Run one microbatch's F, L and B phases along its path; add its gradients to the visited
     nodes' accumulators. Returns its loss. ``on_send(kind, microbatch_id, hop, sender_stage, tensor)``
     sees every tensor that a distributed run would send (hop h: nodes[h] -> nodes[h+1])."""
@@ -46,12 +47,12 @@ def microbatch_gradients(stages, stage_of: Dict[str, int], mb_route, microbatch:
     saved = []
     hidden = microbatch.inputs
     for hop, node in enumerate(nodes):
-        hidden, kept = compute.forward(stages[stage_of[node]], hidden)
+        hidden, kept = compute.forward(stages[stage_of[node]], hidden, mode)
         saved.append(kept)
         if on_send is not None:
             on_send("act", microbatch.id, hop, stage_of[node], hidden)
     first = stages[0]
-    loss, grad, head_grads = compute.loss_and_head_grads(first, hidden, microbatch.targets)
+    loss, grad, head_grads = compute.loss_and_head_grads(first, hidden, microbatch.targets, mode, loss_scale)
     if on_send is not None:
         on_send("grad", microbatch.id, len(nodes) - 1, 0, grad)
     accumulators[mb_route.originator].add(microbatch.id, compute.head_params(first), head_grads)
@@ -74,9 +75,10 @@ class ReferenceExecutor:
         self.stages = {k: s.to(device) for k, s in build_stages(spec, num_stages, seed).items()}
         self.optimizers = {k: make_optimizer(s, train_cfg) for k, s in self.stages.items()}
         self.device = device
+        self.mode = compute.mode_of(train_cfg, device)
 
     def gradients(self, plan: Plan, microbatches: List[Microbatch], level: str = "off",
-                  leaves: Optional[Dict[str, str]] = None):
+                  leaves: Optional[Dict[str, str]] = None, loss_scale: float = 1.0):
         """Per-stage flat gradients of one iteration (before clipping) and per-microbatch losses;
         fills ``leaves`` with the data (and, at level ``full``, the sent tensors') digests."""
         by_id = {mb.id: mb for mb in microbatches}
@@ -93,16 +95,19 @@ class ReferenceExecutor:
             if level != "off" and leaves is not None:
                 leaves.update(data_leaf(mb))
             moved = Microbatch(mb.id, mb.sample_ids, mb.inputs.to(self.device), mb.targets.to(self.device))
-            losses[route.id] = microbatch_gradients(self.stages, stage_of, route, moved, accumulators, on_send)
+            losses[route.id] = microbatch_gradients(self.stages, stage_of, route, moved, accumulators, on_send,
+                                                    self.mode, loss_scale)
         num_mb = len(plan.microbatches)
-        grads = {stage: compute.reduce_replicas([accumulators[n].result() for n in nodes], num_mb)
+        grads = {stage: compute.reduce_replicas([accumulators[n].result() for n in nodes], num_mb, loss_scale)
                  for stage, nodes in enumerate(plan.allocation) if stage in self.stages and nodes}
         # (a stage that lost every replica is held by nobody: no gradient, no update, as in a live run)
         return grads, losses
 
-    def step(self, plan: Plan, microbatches: List[Microbatch], lr: float, level: str = "off") -> StepResult:
+    def step(self, plan: Plan, microbatches: List[Microbatch], lr: float, level: str = "off",
+             loss_scale: float = 1.0) -> StepResult:
+        """One iteration; ``loss_scale``: the fp16 loss scale of the step (1 otherwise)."""
         leaves: Dict[str, str] = {}
-        grads, losses = self.gradients(plan, microbatches, level, leaves)
+        grads, losses = self.gradients(plan, microbatches, level, leaves, loss_scale)
         sq_norms = {k: compute.grad_sq_norm(grads[k]) for k in sorted(grads)}
         norm, scale = compute.clip_coefficient([sq_norms[k] for k in sorted(sq_norms)], self.train_cfg.grad_clip)
         for k in sorted(grads):

@@ -76,7 +76,8 @@ def _step(cfg, data, executor, plans, step: int, run_dir: Path):
     restart_stages(cfg, executor, plan, run_dir)
     mbs = [data.microbatch(cfg.run.seed, step, r.id, cfg.train.samples_per_microbatch, executor.spec.seq_len)
            for r in plan.microbatches]
-    return executor.step(plan, mbs, lr_at(step, cfg.train), level=cfg.verify.level)
+    return executor.step(plan, mbs, lr_at(step, cfg.train), level=cfg.verify.level,
+                         loss_scale=plan.extra.get("loss_scale", 1.0))
 
 
 def replay(run_dir, from_step: int, to_step: int) -> Dict[int, Dict[str, str]]:

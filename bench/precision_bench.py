@@ -1,0 +1,233 @@
+"""Precision and activation-checkpointing benchmark (issue 17, parts 1 and 2).
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/precision_bench.py [--quick] [--seeds 0,1,2] [--only quality|wire|memory]
+    make bench-precision
+
+A. Quality: ``configs/tiny.yaml`` (in-process, the same routes and data) trained ``--steps`` steps in
+   fp32, bf16 and fp16 for every seed; validation loss at equal steps. Target: bf16 within 2% of fp32
+   (median and worst over seeds reported).
+B. Wire: ``configs/tiny.yaml`` with ``launcher=local`` (6 worker processes), fp32 vs bf16: payload
+   bytes per message as the workers' transports count them (``net/bytes_per_message``). Target: halved.
+C. Memory and recompute: the ``small`` preset, 4 stages x 1 replica, ``launcher=local``, 8 microbatches
+   per iteration, ``schedule.memory=4``, with ``train.activation_checkpointing`` none, every_2 and full.
+   Peak RSS per worker (the largest worker), and the same above each worker's RSS before its first step
+   (what training adds: the CPU analogue of ``torch.cuda.max_memory_allocated``). Recompute: the
+   measured backward CPU time per microbatch minus that of ``none``, against the cost model's
+   ``recomputed_fraction x forward`` with the forward measured in the same run. Targets: peak memory
+   reduced >= 40% with ``full``; recompute predicted within 15%.
+
+Writes bench/results/precision_bench.json (machine, config, every run). A benchmark, not a test: it
+never fails on a number; the table says which targets hold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from bench.runtime_bench import machine_info  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results" / "precision_bench.json"
+QUIET = ["tracking.wandb.mode=disabled", "tracking.progress=false", "fault.slow_threshold=1000000",
+         "verify.level='off'", "runtime.timeout_s=120", "run.overwrite=true"]
+MEMORY_SHAPE = ["model.preset=small", "schedule.num_stages=4", "schedule.partition_sizes=[1,1,1,1]",
+                "schedule.method=full", "schedule.microbatches_per_originator=8", "schedule.memory=4",
+                "topology.generate={count: 4, placement: single}", "cost.emulate_links=false",
+                "train.eval_batches=1", "launcher=local"]
+
+
+def train(run: Path, overrides: List[str], config: Optional[str] = "configs/tiny.yaml") -> List[dict]:
+    """``skippipe train`` in a fresh process; the run's metrics lines."""
+    cmd = [sys.executable, "-m", "skippipe", "train", *([config] if config else []), *QUIET, *overrides,
+           f"run.dir={run}"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def quality(args, workdir: Path) -> dict:
+    runs: Dict[str, Dict[str, dict]] = {}
+    for seed in args.seeds:
+        for precision in ("fp32", "bf16", "fp16"):
+            t0 = time.perf_counter()
+            lines = train(workdir / f"q{seed}_{precision}", ["launcher=inprocess", f"run.seed={seed}",
+                                                             f"train.steps={args.steps}", f"train.precision={precision}"])
+            runs.setdefault(str(seed), {})[precision] = {"loss/val": lines[-1]["loss/val"],
+                                                         "wall_s": time.perf_counter() - t0}
+            print(f"  seed {seed} {precision}: val {lines[-1]['loss/val']:.4f}", flush=True)
+    rel = {p: [runs[s][p]["loss/val"] / runs[s]["fp32"]["loss/val"] - 1.0 for s in runs] for p in ("bf16", "fp16")}
+    return {"steps": args.steps, "seeds": args.seeds, "runs": runs,
+            "relative": {p: {"median": statistics.median(v), "worst": max(v, key=abs), "all": v}
+                         for p, v in rel.items()},
+            "wall_ratio": {p: statistics.median(runs[s][p]["wall_s"] / runs[s]["fp32"]["wall_s"] for s in runs)
+                           for p in ("bf16", "fp16")}}
+
+
+def wire(args, workdir: Path) -> dict:
+    out = {}
+    for precision in ("fp32", "bf16"):
+        lines = train(workdir / f"w_{precision}", ["launcher=local", "train.steps=3", f"train.precision={precision}",
+                                                   "model.n_layers=4", "train.eval_batches=1"])
+        per_step = [r["net/bytes_per_message"] for r in lines if "net/bytes_per_message" in r]
+        out[precision] = {"bytes_per_message": statistics.median(per_step), "steps": per_step}
+    out["ratio"] = out["bf16"]["bytes_per_message"] / out["fp32"]["bytes_per_message"]
+    return out
+
+
+def _phase_cpu_per_mb(run: Path, warmup: int) -> Dict[int, Dict[str, float]]:
+    """Stage -> {F, B}: median over steps after ``warmup`` of each phase's thread CPU per microbatch."""
+    stage_of, samples = {}, {}
+    for line in (run / "routes.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "timings" not in record or record["step"] < warmup:
+            continue
+        for s, nodes in enumerate(record["plan"]["allocation"]):
+            stage_of.update({n: s for n in nodes})
+        for node, t in record["timings"].items():
+            for phase in ("F", "B"):
+                if t["compute_n"][phase]:
+                    samples.setdefault((stage_of[node], phase), []).append(t["compute_cpu_s"][phase] / t["compute_n"][phase])
+    out: Dict[int, Dict[str, float]] = {}
+    for (stage, phase), values in samples.items():
+        out.setdefault(stage, {})[phase] = statistics.median(values)
+    return out
+
+
+def memory(args, workdir: Path) -> dict:
+    from skippipe.config import load_config
+    from skippipe.cost import CostModel
+    from skippipe.model.presets import resolve_model_spec
+    from skippipe.topology import load_topology
+
+    out: Dict[str, dict] = {}
+    steps = 3 if args.quick else 5
+    for mode in ("none", "every_2", "full"):
+        run = workdir / f"m_{mode}"
+        lines = train(run, [*MEMORY_SHAPE, f"train.steps={steps}", f"train.activation_checkpointing={mode}"], None)
+        per_step = [r for r in lines if "time/iter_s" in r]
+        out[mode] = {"peak_rss_mb": max(r["memory/peak_rss_mb"] for r in per_step),
+                     "train_rss_mb": max(r["memory/train_rss_mb"] for r in per_step),
+                     "iter_s": statistics.median(r["time/iter_s"] for r in per_step[1:]),
+                     "cpu_per_mb": _phase_cpu_per_mb(run, 1)}
+        cfg = load_config(None, [*MEMORY_SHAPE, f"train.activation_checkpointing={mode}"])
+        cost = CostModel.from_config(cfg, resolve_model_spec(cfg.model, 256), load_topology(cfg))
+        out[mode]["recomputed_fraction"] = [cost.recomputed_fraction(s) for s in range(4)]
+        print(f"  {mode}: peak {out[mode]['peak_rss_mb']:.0f} MB, training {out[mode]['train_rss_mb']:.0f} MB", flush=True)
+    base = out["none"]
+    for mode in ("every_2", "full"):
+        run = out[mode]
+        errors = []
+        for s in range(4):
+            fwd, bwd, bwd0 = run["cpu_per_mb"][s]["F"], run["cpu_per_mb"][s]["B"], base["cpu_per_mb"][s]["B"]
+            predicted, measured = run["recomputed_fraction"][s] * fwd, bwd - bwd0
+            errors.append({"stage": s, "predicted_s": predicted, "measured_s": measured,
+                           "error": abs(predicted - measured) / max(measured, 1e-9)})
+        run["recompute"] = errors
+        run["recompute_error_median"] = statistics.median(e["error"] for e in errors)
+        run["recompute_error_worst"] = max(e["error"] for e in errors)
+        run["peak_reduction"] = 1.0 - run["peak_rss_mb"] / base["peak_rss_mb"]
+        run["train_reduction"] = 1.0 - run["train_rss_mb"] / base["train_rss_mb"]
+    return out
+
+
+def targets(report: dict) -> Dict[str, tuple]:
+    t: Dict[str, tuple] = {}
+    if "quality" in report:
+        worst = report["quality"]["relative"]["bf16"]["worst"]
+        t["bf16 val loss within 2% of fp32 (worst seed)"] = (abs(worst) <= 0.02, worst)
+    if "wire" in report:
+        t["bf16 bytes per transfer halved"] = (abs(report["wire"]["ratio"] - 0.5) < 1e-9, report["wire"]["ratio"])
+    if "memory" in report:
+        full = report["memory"]["full"]
+        t["full checkpointing: training memory -40%"] = (full["train_reduction"] >= 0.40, full["train_reduction"])
+        t["full checkpointing: peak RSS -40%"] = (full["peak_reduction"] >= 0.40, full["peak_reduction"])
+        worst = max(report["memory"][m]["recompute_error_worst"] for m in ("every_2", "full"))
+        t["recompute predicted within 15% (worst stage)"] = (worst <= 0.15, worst)
+    return t
+
+
+def print_table(report: dict) -> None:
+    if "quality" in report:
+        q = report["quality"]
+        print(f"\nA. validation loss after {q['steps']} steps (seeds {q['seeds']})")
+        print("seed | fp32 | bf16 | fp16")
+        for seed, runs in q["runs"].items():
+            print(f"{seed} | " + " | ".join(f"{runs[p]['loss/val']:.4f}" for p in ("fp32", "bf16", "fp16")))
+        for p in ("bf16", "fp16"):
+            r = q["relative"][p]
+            print(f"{p} vs fp32: median {r['median']:+.2%}, worst {r['worst']:+.2%}; wall {q['wall_ratio'][p]:.2f}x")
+    if "wire" in report:
+        w = report["wire"]
+        print(f"\nB. payload bytes per message: fp32 {w['fp32']['bytes_per_message']:.0f}, "
+              f"bf16 {w['bf16']['bytes_per_message']:.0f} ({w['ratio']:.3f}x)")
+    if "memory" in report:
+        m = report["memory"]
+        print("\nC. small preset, 4 stages x 1, memory 4: per worker (largest)")
+        print("checkpointing | peak RSS MB | training MB | s/iter | recompute error (median / worst)")
+        for mode in ("none", "every_2", "full"):
+            r = m[mode]
+            err = ("" if mode == "none" else
+                   f"{r['recompute_error_median']:.1%} / {r['recompute_error_worst']:.1%}")
+            print(f"{mode} | {r['peak_rss_mb']:.0f} | {r['train_rss_mb']:.0f} | {r['iter_s']:.3f} | {err}")
+    print("\ntargets")
+    for name, (ok, value) in targets(report).items():
+        print(f"  [{'ok' if ok else 'MISSED'}] {name}: {value:+.4f}")
+
+
+def save(report: dict, path: str) -> None:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    data = {**report, "targets": {k: {"ok": ok, "value": v} for k, (ok, v) in targets(report).items()}}
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(out)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke run: one seed, few steps")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--steps", type=int, default=60, help="training steps per quality run")
+    parser.add_argument("--only", choices=("quality", "wire", "memory"))
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args(argv)
+    args.seeds = [int(s) for s in args.seeds.split(",")]
+    if args.quick:
+        args.seeds, args.steps = args.seeds[:1], 4
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    workdir = Path(tempfile.mkdtemp(prefix="skippipe-precision-bench-"))
+    report = {"machine": machine_info(), "loadavg_start": os.getloadavg(), "quick": args.quick,
+              "command": " ".join(["bench/precision_bench.py", *(argv or sys.argv[1:])]), "workdir": str(workdir)}
+    started = time.time()
+    for name, experiment in (("quality", quality), ("wire", wire), ("memory", memory)):
+        if args.only in (None, name):
+            print(f"{name}", flush=True)
+            report[name] = experiment(args, workdir)
+            save(report, args.out)
+    report["wall_s"] = time.time() - started
+    report["loadavg_end"] = os.getloadavg()
+    save(report, args.out)
+    print_table(report)
+    print(f"\nwrote {args.out} (runs in {workdir})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
