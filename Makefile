@@ -7,7 +7,7 @@ TORCH   ?= torch==2.13.0
 export OMP_NUM_THREADS ?= 1
 export WANDB_SILENT ?= true
 
-.PHONY: install run test test-fast lint bench bench-plan bench-plan-suite bench-runtime bench-network bench-quality bench-fault bench-verify bench-chaos check-docs clean
+.PHONY: install run test test-fast lint bench bench-plan bench-plan-suite bench-runtime bench-network bench-quality bench-fault bench-verify bench-chaos bench-precision check-docs clean
 
 install: $(STAMP)
 
@@ -16,7 +16,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[dev,hf]"
 	touch $(STAMP)
 
 run: install
@@ -39,7 +39,7 @@ check-docs: install
 lint: install
 	$(BIN)/ruff check skippipe tests bench launch
 
-bench: bench-plan bench-plan-suite bench-runtime bench-network bench-fault bench-verify bench-quality
+bench: bench-plan bench-plan-suite bench-runtime bench-network bench-fault bench-verify bench-quality bench-precision
 
 bench-plan: install
 	$(BIN)/python bench/plan_bench.py
@@ -61,6 +61,9 @@ bench-verify: install
 
 bench-quality: install
 	$(BIN)/python bench/quality_study.py
+
+bench-precision: install
+	$(BIN)/python bench/precision_bench.py
 
 # not part of `make bench` or CI (tests/test_chaos.py runs its short version)
 bench-chaos: install

@@ -22,6 +22,7 @@ COMMANDS = {
     "eval": "validation loss with the full model and with stages dropped",
     "plot": "draw a run's loss curves, Gantt charts and coverage",
     "join": "add a node to a run training on a Ray cluster",
+    "export": "write a finished run's model as a Hugging Face checkpoint",
 }
 
 

@@ -481,6 +481,8 @@ def _check_paths(cfg: Config) -> None:
         _check_data_path(cfg.data.path, f"data.path (data.source={cfg.data.source})")
     if cfg.data.source == "hf" and not cfg.data.hf_name:
         raise ConfigError("data.source=hf needs data.hf_name (a dataset name or a local dataset directory)")
+    if cfg.data.tokenizer == "hf" and not cfg.data.hf_tokenizer:
+        raise ConfigError("data.tokenizer=hf needs data.hf_tokenizer (a local directory holding tokenizer.json)")
     if cfg.topology.file is not None and not Path(cfg.topology.file).is_file():
         raise ConfigError(f"topology.file '{cfg.topology.file}' does not exist; "
                           "point it at a topology YAML such as configs/topology/geo2.yaml")

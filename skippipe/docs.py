@@ -70,7 +70,7 @@ MEANINGS: Dict[str, str] = {
     "train.eval_batches": "validation batches (of samples_per_microbatch sequences) for loss/val",
     "cost.bwd_factor": "backward time as a multiple of the forward time",
     "cost.loss_factor": "final norm + head + loss time as a multiple of stage 0's forward time",
-    "cost.bytes_per_element": "bytes per activation element sent between nodes (4: float32)",
+    "cost.bytes_per_element": "bytes per activation element sent between nodes",
     "run.seed": "seed of the model initialisation, the data order and (by default) the routes",
     "run.resume": "continue the run in run.dir from its last checkpoint",
     "run.log_level": "logging level of the coordinator (debug, info, warning)",

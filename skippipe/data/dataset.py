@@ -24,7 +24,7 @@ from typing import List, Tuple
 import numpy as np
 import torch
 
-from skippipe.data.tokenizer import BPETokenizer, ByteTokenizer
+from skippipe.data.tokenizer import BPETokenizer, ByteTokenizer, HFTokenizer
 from skippipe.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -136,6 +136,8 @@ def _tokenize(data_cfg, train_texts: List[str], val_texts: List[str], tag: str) 
     cdir = cache_dir(data_cfg)
     if data_cfg.tokenizer == "bpe":
         tokenizer = BPETokenizer(train_texts, data_cfg.bpe_vocab_size, cdir)
+    elif data_cfg.tokenizer == "hf":
+        tokenizer = HFTokenizer(data_cfg.hf_tokenizer)
     else:
         tokenizer = ByteTokenizer()
     digest = hashlib.sha256(tag.encode())

@@ -1,4 +1,5 @@
-"""Tokenizers that need no network: raw bytes, or a byte-level BPE trained locally and cached."""
+"""Tokenizers that need no network: raw bytes, a byte-level BPE trained locally and cached, or a
+Hugging Face ``tokenizer.json`` from a local directory."""
 
 from __future__ import annotations
 
@@ -48,10 +49,43 @@ class BPETokenizer:
             tok.save(str(tmp))
             tmp.replace(path)
             self._tok = tok
+        self.path = path  # the trained tokenizer.json (shipped by `skippipe export --hf`)
         self.vocab_size = self._tok.get_vocab_size()
 
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self._tok.encode(text).ids, dtype=np.uint16 if self.vocab_size < 65536 else np.uint32)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tok.decode([int(i) for i in ids])
+
+
+class HFTokenizer:
+    """A local Hugging Face tokenizer (``tokenizer.json``, as ``save_pretrained`` writes it), read with
+    the ``tokenizers`` library. Texts are encoded without special tokens and concatenated, like the
+    other tokenizers; the name carries the file's hash so that token caches never mix tokenizers."""
+
+    def __init__(self, location: str):
+        from tokenizers import Tokenizer
+
+        from skippipe.errors import ConfigError
+
+        path = Path(location)
+        path = path / "tokenizer.json" if path.is_dir() else path
+        if not path.is_file():
+            raise ConfigError(f"data.hf_tokenizer={location!r}: no tokenizer.json there; give the directory "
+                              "a tokenizer was saved to (save_pretrained) or the tokenizer.json file")
+        try:
+            self._tok = Tokenizer.from_file(str(path))
+        except Exception as err:  # the Rust library's error: bad JSON or an unknown model
+            raise ConfigError(f"data.hf_tokenizer: '{path}' is not a tokenizers JSON file "
+                              f"({str(err).splitlines()[0]})") from None
+        self.path = path
+        self.name = "hf-" + hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+        self.vocab_size = self._tok.get_vocab_size()
+
+    def encode(self, text: str) -> np.ndarray:
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        return np.asarray(ids, dtype=np.uint16 if self.vocab_size < 65536 else np.uint32)
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode([int(i) for i in ids])

@@ -51,22 +51,27 @@ class Block(nn.Module):
 
     def __init__(self, spec: ModelSpec):
         super().__init__()
-        self.n_heads = spec.n_heads
+        self.n_heads, self.n_kv_heads = spec.n_heads, spec.kv_heads
         self.head_dim = spec.head_dim
+        self.kv_dim = spec.kv_heads * spec.head_dim
         self.theta = spec.rope_theta
-        self.attn_norm = RMSNorm(spec.dim)
-        self.qkv = nn.Linear(spec.dim, 3 * spec.dim, bias=False)
+        self.attn_norm = RMSNorm(spec.dim, spec.norm_eps)
+        self.qkv = nn.Linear(spec.dim, spec.dim + 2 * self.kv_dim, bias=False)
         self.out = nn.Linear(spec.dim, spec.dim, bias=False)
-        self.mlp_norm = RMSNorm(spec.dim)
+        self.mlp_norm = RMSNorm(spec.dim, spec.norm_eps)
         self.gate_up = nn.Linear(spec.dim, 2 * spec.ffn_dim, bias=False)
         self.down = nn.Linear(spec.ffn_dim, spec.dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, seq, dim = x.shape
-        q, k, v = self.qkv(self.attn_norm(x)).split(dim, dim=-1)
-        q, k, v = (t.view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        q, k, v = self.qkv(self.attn_norm(x)).split((dim, self.kv_dim, self.kv_dim), dim=-1)
+        q = q.view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
+        k, v = (t.view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2) for t in (k, v))
         cos, sin = rotary_tables(seq, self.head_dim, self.theta, device=x.device)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.n_kv_heads != self.n_heads:  # grouped-query attention: kv head j serves a run of q heads
+            group = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + self.out(attn.transpose(1, 2).reshape(batch, seq, dim))
         gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
@@ -118,7 +123,7 @@ class Stage(nn.Module):
         if stage_id == 0:
             gen = torch.Generator().manual_seed(seed * 1_000_003)
             self.embed = nn.Embedding(spec.vocab_size, spec.dim)
-            self.norm = RMSNorm(spec.dim)
+            self.norm = RMSNorm(spec.dim, spec.norm_eps)
             self.head = nn.Linear(spec.dim, spec.vocab_size, bias=False)
             with torch.no_grad():
                 self.embed.weight.copy_(torch.randn(self.embed.weight.shape, generator=gen) * spec.init_std)
@@ -143,10 +148,18 @@ class Stage(nn.Module):
 
 def build_stages(spec: ModelSpec, num_stages: int, seed: int,
                  only: Optional[Iterable[int]] = None) -> Dict[int, Stage]:
-    """Build the stages (all, or those in ``only``) with the same parameters as the whole model."""
+    """Build the stages (all, or those in ``only``) with the same parameters as the whole model:
+    seeded random ones, or those of the Hugging Face checkpoint ``spec.weights`` (each stage reads
+    only its own layers)."""
     layers = split_layers(spec.n_layers, num_stages)
     wanted = range(num_stages) if only is None else only
-    return {s: Stage(spec, s, layers[s], seed) for s in wanted}
+    stages = {s: Stage(spec, s, layers[s], seed) for s in wanted}
+    if spec.weights:
+        from skippipe.model.hf import load_hf_weights
+
+        for stage in stages.values():
+            load_hf_weights(stage, spec, spec.weights)
+    return stages
 
 
 def forward_path(stages: Dict[int, Stage], tokens: torch.Tensor, targets: torch.Tensor,
@@ -170,9 +183,9 @@ class Transformer(nn.Module):
     def __init__(self, spec: ModelSpec, seed: int):
         super().__init__()
         self.spec = spec
-        stage0 = Stage(spec, 0, [], seed)
-        self.embed, self.norm, self.head = stage0.embed, stage0.norm, stage0.head
-        self.layers = nn.ModuleList(make_block(spec, layer, seed) for layer in range(spec.n_layers))
+        whole = build_stages(spec, 1, seed)[0]  # one stage holding every layer (and any loaded weights)
+        self.embed, self.norm, self.head = whole.embed, whole.norm, whole.head
+        self.layers = whole.blocks
 
     def forward(self, tokens: torch.Tensor, layer_order: Optional[Sequence[int]] = None) -> torch.Tensor:
         hidden = self.embed(tokens)
