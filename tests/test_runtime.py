@@ -205,6 +205,71 @@ def test_link_emulator_delays_by_latency_plus_bandwidth(tmp_path):
     assert slowed["bytes_per_s"] == pytest.approx(1e6 / 3, rel=0.1)
 
 
+def _deferred_pair(rank, port, result_path):
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from skippipe.runtime.transport import ACT, Transport, TransportError
+
+    store = dist.TCPStore("127.0.0.1", port, world_size=2, is_master=rank == 0)
+    pg = dist.ProcessGroupGloo(store, rank, 2, timedelta(seconds=20))
+    transport = Transport(pg, {"a": 0, "b": 1}, "ab"[rank], torch.device("cpu"), 20.0, check_each=False)
+    if rank == 0:
+        transport.send(torch.full((2, 3), 1.0), "b", step=5, microbatch_id=1, kind=ACT)
+        transport.send(torch.full((2, 3), 2.0), "b", step=5, microbatch_id=2, kind=ACT)
+        transport.flush()
+        transport.send(torch.full((2, 3), 3.0), "b", step=5, microbatch_id=1, kind=ACT)  # the plan said step 6
+        transport.flush()
+        store.wait(["done"])
+        return
+    first = transport.recv("a", step=5, microbatch_id=1, kind=ACT, shape=(2, 3), dtype=torch.float32)
+    second = transport.recv("a", step=5, microbatch_id=2, kind=ACT, shape=(2, 3), dtype=torch.float32)
+    unchecked_after_two = len(transport._unchecked)
+    transport.check_received()  # both right: passes, and records their link times
+    samples = len(transport.link_samples)
+    wrong = transport.recv("a", step=6, microbatch_id=1, kind=ACT, shape=(2, 3), dtype=torch.float32)
+    try:
+        transport.check_received()
+        error = None
+    except TransportError as err:
+        error = {"message": str(err), "peer": err.peer}
+    store.set("done", "1")
+    Path(result_path).write_text(json.dumps({
+        "values": [float(first[0, 0]), float(second[0, 0]), float(wrong[0, 0])],
+        "unchecked_after_two": unchecked_after_two, "samples": samples, "error": error}))
+
+
+def test_deferred_header_checks_fail_the_step_once_naming_the_sender(tmp_path):
+    """check_each=False (the GPU default without link emulation): receives do not read headers;
+    check_received reads all of them at once and names the sender of a wrong message."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    result = tmp_path / "deferred.json"
+    mp.start_processes(_deferred_pair, args=(port, str(result)), nprocs=2, start_method="spawn")
+    data = json.loads(result.read_text())
+    assert data["values"] == [1.0, 2.0, 3.0]
+    assert data["unchecked_after_two"] == 2 and data["samples"] == 2
+    assert data["error"]["peer"] == "a"
+    assert "got step 5 microbatch 1" in data["error"]["message"] and "node a is excluded" in data["error"]["message"]
+
+
+def test_transport_checks_each_header_on_cpu_and_defers_on_cuda():
+    from skippipe.runtime.transport import LinkModel, Transport
+
+    links = LinkModel(latency_s=lambda a, b: 0.0, bandwidth_bytes_per_s=lambda a, b: 1e9)
+    assert Transport(None, {}, "a", torch.device("cpu"), 1.0).check_each
+    assert not Transport(None, {}, "a", torch.device("cuda", 0), 1.0).check_each
+    assert Transport(None, {}, "a", torch.device("cuda", 0), 1.0, links).check_each  # emulation reads headers
+    with pytest.raises(ValueError, match="check_each"):
+        Transport(None, {}, "a", torch.device("cpu"), 1.0, links, check_each=False)
+
+
 def test_bad_header_is_named():
     from skippipe.runtime.transport import MAGIC, Transport, TransportError
 

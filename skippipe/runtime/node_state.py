@@ -99,5 +99,6 @@ def rebuild_stage(groups, me: str, stage, my_stage: Optional[int], rebuilt: int,
     elif my_stage == rebuilt:
         numel = sum(p.numel() for p in stage.blocks.parameters())
         dtype = next(stage.blocks.parameters()).dtype
-        compute.load_block_average(stage, [transport.recv(source, -1, rebuilt, GRAD, (numel,), dtype)
-                                           for source in sources])
+        flats = [transport.recv(source, -1, rebuilt, GRAD, (numel,), dtype) for source in sources]
+        transport.check_received()
+        compute.load_block_average(stage, flats)

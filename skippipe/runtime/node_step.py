@@ -68,8 +68,7 @@ class NodeStep:
         """The step; its report for the coordinator (``pending``: the update to commit)."""
         w, transport = self.w, self.transport
         start = time.perf_counter()
-        transport.recv_wait_s = transport.emulated_delay_s = 0.0
-        transport.link_samples = []
+        transport.start_step()
         sent = transport.bytes_sent, transport.messages_sent
         hook = w.faults.op_hook(w.stage, self.step)
         try:
@@ -77,6 +76,7 @@ class NodeStep:
         finally:
             if hook is not None:
                 hook.remove()
+        transport.check_received()  # deferred header checks (GPU): a bad message fails the step here
         t0 = time.perf_counter()
         grad_norm = self._reduce(lr)
         self.times.reduce_s = time.perf_counter() - t0

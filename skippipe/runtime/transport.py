@@ -29,6 +29,13 @@ Gloo matches messages by (source, tag); tags are unique per (microbatch, kind) i
 steps are separated by the gradient collectives, so arrival order does not matter. NCCL ignores tags
 and matches in order per pair: the plan's per-node order keeps sends and receives of one pair in the
 same order, and the header check turns any mismatch into a clear error.
+
+When headers are checked: by default as each message arrives (one copy of its 12 numbers to the
+host). On a GPU without link emulation that copy would synchronise the host with the device at
+every receive, so there (``check_each=False``) the headers stay on the device until
+:meth:`Transport.check_received`, which the step calls once before its gradients are reduced: one
+host copy per step, and a bad message still fails the step before any parameter changes. The
+receiver never needs a header to receive: shape and dtype come from the plan.
 """
 
 from __future__ import annotations
@@ -163,7 +170,7 @@ class Transport:
 
     def __init__(self, pg, rank_of: Dict[str, int], me: str, device: torch.device, timeout_s: float,
                  links: Optional[LinkModel] = None, should_abort: Optional[Callable[[], bool]] = None,
-                 waiter: Optional[Waiter] = None):
+                 waiter: Optional[Waiter] = None, check_each: Optional[bool] = None):
         self.pg = pg  # a ProcessGroup object of this generation (not the global default group)
         self.should_abort = should_abort
         self.waiter = waiter or Waiter()
@@ -172,6 +179,11 @@ class Transport:
         self.device = device
         self.timeout = timedelta(seconds=timeout_s)
         self.links = links
+        # link emulation needs each header's send time at once; on CPU the check costs nothing extra
+        self.check_each = check_each if check_each is not None else (links is not None or device.type != "cuda")
+        if links is not None and not self.check_each:
+            raise ValueError("transport: link emulation reads every header as it arrives (check_each=True)")
+        self._unchecked: List[tuple] = []  # received, header not yet read (check_each=False)
         self._pending: List[Tuple[dist.Work, torch.Tensor]] = []
         self._link_free_at: Dict[str, float] = {}
         self.bytes_sent = 0  # payload bytes and messages sent (headers not counted)
@@ -179,6 +191,12 @@ class Transport:
         self.recv_wait_s = 0.0
         self.emulated_delay_s = 0.0
         self.link_samples: List[LinkSample] = []  # this step's; the worker reports and resets them
+
+    def start_step(self) -> None:
+        """Forget the previous step's counters, link times and any headers a failed step left unchecked."""
+        self.recv_wait_s = self.emulated_delay_s = 0.0
+        self.link_samples = []
+        self._unchecked = []
 
     # -- send -------------------------------------------------------------------------------
     def send(self, tensor: torch.Tensor, dst: str, step: int, microbatch_id: int, kind: int) -> None:
@@ -227,22 +245,34 @@ class Transport:
             raise TransportError(f"receiving the {what} failed: {str(err).splitlines()[0]}", peer=src) from None
         if not arrived:
             raise TransportError(f"receiving the {what} failed: {str(error).splitlines()[0]}", peer=src)
-        values = header.cpu().tolist()
-        self._check_header(values, step, microbatch_id, kind, shape, dtype, what, src)
+        self._unchecked.append((header, step, microbatch_id, kind, tuple(shape), dtype, what, src, posted, arrived,
+                                payload.numel() * payload.element_size()))
+        if self.check_each or error is not None:
+            self.check_received()  # a bad header is reported before an error of the payload
         if error is not None:
             raise TransportError(f"receiving the payload of the {what} failed: {str(error).splitlines()[0]}",
                                  peer=src)
-        if src != self.me:
-            self.link_samples.append(self._delivered(src, values[-1], posted, arrived, payload))
         self.recv_wait_s += time.perf_counter() - start
         return payload
 
+    def check_received(self) -> None:
+        """Check the headers of the messages received since the last check against what the plan
+        expected, with one host copy for all of them; record their link times. Raises
+        :class:`TransportError` naming the sender of the first bad one."""
+        pending, self._unchecked = self._unchecked, []
+        if not pending:
+            return
+        rows = (torch.stack([p[0] for p in pending]) if len(pending) > 1 else pending[0][0][None]).cpu().tolist()
+        for values, (_, step, microbatch_id, kind, shape, dtype, what, src, posted, arrived, nbytes) in zip(rows, pending):
+            self._check_header(values, step, microbatch_id, kind, shape, dtype, what, src)
+            if src != self.me:
+                self.link_samples.append(self._delivered(src, values[-1], posted, arrived, nbytes))
+
     def _delivered(self, src: str, sent_at: float, posted: float, arrived: List[float],
-                   payload: torch.Tensor) -> LinkSample:
+                   nbytes: int) -> LinkSample:
         """Hold the message until the emulated link delivers it; its one-way times. The receiver
         waited for the message iff it posted the receive before it was sent, or the emulated
         delivery is later than the real one (it sleeps for it)."""
-        nbytes = payload.numel() * payload.element_size()
         header_got, payload_got = arrived
         waited = sent_at >= posted
         if self.links is not None:
