@@ -167,3 +167,21 @@ def test_forger_on_loopback_changes_nothing(tmp_path):
     assert all(m["node/n3/alive"] == 1 for m in steps)
     assert summary["route/reroutes"] == 0 and summary["control/rejected"] > 0
     assert sockets and {a.ip for a in sockets} == {"127.0.0.1"}, sockets
+
+
+def test_a_control_store_on_a_reused_port_keeps_listening():
+    """The server store owns its listening socket and closes it itself; a second store on the same
+    port (the OS hands ports out again) must not have its socket closed by the first one's leftovers."""
+    import gc
+
+    from skippipe.runtime.control import connect_store
+
+    first = connect_store("127.0.0.1", 0, True, 5.0)
+    port = first.port
+    del first
+    gc.collect()
+    second = connect_store("127.0.0.1", port, True, 5.0)
+    gc.collect()
+    client = connect_store("127.0.0.1", port, False, 5.0)
+    client.set("k", "v")
+    assert second.get("k") == b"v"

@@ -46,7 +46,6 @@ import torch.distributed as dist
 PREFIX = "skippipe"
 SECRET_ENV = "SKIPPIPE_CONTROL_SECRET"
 log = logging.getLogger("skippipe")
-_LISTENERS: Dict[int, socket.socket] = {}  # port -> the socket a server store listens on (kept open)
 
 
 def new_secret() -> str:
@@ -111,9 +110,16 @@ def connect_store(host: str, port: int, is_master: bool, timeout_s: float) -> di
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind((host, port))
     listener.listen(1024)
-    store = dist.TCPStore(host, listener.getsockname()[1], world_size=None, is_master=True, timeout=timeout,
-                          wait_for_workers=False, master_listen_fd=listener.fileno())
-    _LISTENERS[store.port] = listener
+    try:
+        store = dist.TCPStore(host, listener.getsockname()[1], world_size=None, is_master=True, timeout=timeout,
+                              wait_for_workers=False, master_listen_fd=listener.fileno())
+    except BaseException:
+        listener.close()
+        raise
+    # the store owns the socket now and closes it when it is destroyed; the Python object must not
+    # close that fd number again later (by then another socket of this process may hold it: a run
+    # whose control store stopped accepting connections, seen once in CI)
+    listener.detach()
     return store
 
 
