@@ -84,7 +84,9 @@ class CostModel:
         flops = layers * self.samples * self.spec.seq_len * self.spec.flops_per_token_layer()
         return flops / (self.flops_per_s * speed)
 
-    def _modelled(self, node: str, stage: int, phase: str) -> float:
+    def modelled_s(self, node: str, stage: int, phase: str) -> float:
+        """One microbatch's ``phase`` (F, B, L) of ``stage`` on ``node`` as the topology's speeds
+        alone give it (no measurement folded in: what a node's measured time is compared with)."""
         if phase == "F":
             return self.modelled_fwd_s(node, stage)
         if phase == "B":
@@ -103,7 +105,7 @@ class CostModel:
         measured = self._measured_compute.get((node, stage, phase))
         if measured is not None:
             return measured
-        return self._modelled(node, stage, phase) * self._node_ratio.get(node, self._typical_ratio)
+        return self.modelled_s(node, stage, phase) * self._node_ratio.get(node, self._typical_ratio)
 
     def fwd_s(self, node: str, stage: int) -> float:
         return self._time(node, stage, "F")
@@ -208,7 +210,7 @@ class CostModel:
         w = self.measured_ewma
         old = self._measured_compute.get(key)
         self._measured_compute[key] = seconds if old is None else (1 - w) * old + w * seconds
-        ratio = seconds / max(self._modelled(node, stage, phase), 1e-12)
+        ratio = seconds / max(self.modelled_s(node, stage, phase), 1e-12)
         prev = self._node_ratio.get(node)
         self._node_ratio[node] = ratio if prev is None else (1 - w) * prev + w * ratio
         self._typical_ratio = float(np.median(list(self._node_ratio.values())))

@@ -1,7 +1,7 @@
 """The route log: ``runs/<name>/routes.jsonl``, one line per executed step.
 
 Each line is ``{"step", "generation", "plan": <skippipe.plan.v1 object>, "timings": {node: report},
-"iter_s", "warm"}``: the plan, the workers' measured times (:data:`runtime.predict.TIMING_KEYS`) and
+"iter_s", "warm"}``: the plan, the workers' measured times (:data:`runtime.wire.TIMING_KEYS`) and
 the coordinator's iteration time, so the predictor can be replayed offline. Routes
 are an input of the computation (DESIGN.md section 5): ``schedule.routes_from=RUN_DIR`` replays
 them step by step, so a run is reproducible bit for bit given its route log.

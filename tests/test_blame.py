@@ -6,12 +6,13 @@ import pytest
 from skippipe.plan import Plan
 from skippipe.runtime.coordinator import route_stats
 from skippipe.runtime.remote import NodeFailure, WorkerFailed, raise_on_failure
+from skippipe.runtime.wire import NodeReport
 
-OK = {"ok": True}
+OK = NodeReport(ok=True)
 
 
 def error(message, time, secondary=False, peer=None, bad_peer=None):
-    return {"ok": False, "message": message, "time": time, "secondary": secondary, "peer": peer, "bad_peer": bad_peer}
+    return NodeReport(ok=False, message=message, time=time, secondary=secondary, peer=peer, bad_peer=bad_peer)
 
 
 def test_a_step_everyone_reported_ok_blames_nobody():

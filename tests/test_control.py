@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from skippipe.config import load_config
 from skippipe.runtime.control import ControlChannel, box_secret, connect_store, new_secret
+from skippipe.runtime.wire import Command
 from skippipe.runtime.worker import check_command_paths
 
 SMALL = ["model.dim=64", "model.n_heads=2", "model.ffn_dim=128", "model.seq_len=32", "train.samples_per_microbatch=2",
@@ -104,10 +105,10 @@ def test_silence_counts_only_time_watched_and_ignores_wall_clock_steps(monkeypat
 
 def test_command_paths_are_confined_to_the_run_dir(tmp_path):
     run = tmp_path / "run"
-    check_command_paths({"save_dir": str(run), "checkpoint": {"dir": str(run / "ckpt" / ".tmp-3")},
-                         "load": str(run / "ckpt" / "3")}, run)
-    for bad in ({"save_dir": str(tmp_path / "elsewhere")}, {"load": str(run / ".." / "other")},
-                {"checkpoint": {"dir": "/tmp"}}, {"restore": {"2": "/etc"}}):
+    check_command_paths(Command(save_dir=str(run), checkpoint={"dir": str(run / "ckpt" / ".tmp-3")},
+                                load=str(run / "ckpt" / "3"), restore={"1": str(run / "ckpt" / "3")}), run)
+    for bad in (Command(save_dir=str(tmp_path / "elsewhere")), Command(load=str(run / ".." / "other")),
+                Command(checkpoint={"dir": "/tmp"}), Command(restore={"2": "/etc"})):
         with pytest.raises(RuntimeError, match="outside the run directory"):
             check_command_paths(bad, run)
 

@@ -9,6 +9,7 @@ import pytest
 
 from skippipe.plan import Plan
 from skippipe.runtime.predict import Predictor, replay_predictions
+from skippipe.runtime.wire import NodeReport
 
 DATA = Path(__file__).parent / "data" / "predict_geo2_slow"
 
@@ -44,7 +45,7 @@ def _plan():
 def test_overhead_is_what_the_simulator_leaves_out(grad_sync, overhead):
     """With cost.grad_sync the simulator times the gradient reduction, so the overhead is the
     iteration outside the longest worker step; without it, the reduction is overhead too."""
-    reports = {n: {"step_s": 2.0, "reduce_s": 0.5, "compute_s": {}, "compute_n": {}} for n in "abc"}
+    reports = {n: NodeReport(ok=True, step_s=2.0, reduce_s=0.5) for n in "abc"}
     predictor = Predictor(weight=1.0)
     predictor.observe(_Cost(grad_sync), reports, _plan(), iter_s=2.1, warm=True)
     assert predictor.overhead_s == pytest.approx(overhead)
@@ -52,7 +53,7 @@ def test_overhead_is_what_the_simulator_leaves_out(grad_sync, overhead):
 
 def test_cold_steps_are_not_observed():
     predictor = Predictor()
-    predictor.observe(_Cost(True), {"a": {"step_s": 9.0, "compute_s": {}, "compute_n": {}}}, _plan(), 20.0,
+    predictor.observe(_Cost(True), {"a": NodeReport(ok=True, step_s=9.0)}, _plan(), 20.0,
                       warm=False)
     assert predictor.overhead_s is None
     assert predictor.predict(_Cost(True), _plan()) == 1.0

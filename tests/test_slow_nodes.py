@@ -6,8 +6,11 @@ found slow again it is routed around at once and waits twice as long, found fast
 from skippipe.config import load_config
 from skippipe.model.presets import resolve_model_spec
 from skippipe.planner import Planner
-from skippipe.runtime.faults import SLOW_STEPS, FaultMonitor
-from skippipe.runtime.outcome import StepOutcome
+from skippipe.runtime.executor import StepOutcome
+from skippipe.runtime.faults import FaultMonitor
+from skippipe.runtime.membership import Membership
+from skippipe.runtime.slow_nodes import SLOW_STEPS
+from skippipe.runtime.wire import NodeReport
 
 PROBE_AFTER = 3
 
@@ -16,7 +19,7 @@ def setup():
     cfg = load_config("configs/tiny.yaml", [f"fault.probe_after={PROBE_AFTER}", "fault.slow_threshold=2.0"])
     planner = Planner(cfg, resolve_model_spec(cfg.model, vocab_size=256))
     plan = planner.plan(0)
-    return cfg, planner, plan, FaultMonitor(cfg, planner.topology.names())
+    return cfg, planner, plan, FaultMonitor(cfg, Membership(planner.topology.names()))
 
 
 def reports(planner, plan, factor, absent=()):
@@ -26,9 +29,9 @@ def reports(planner, plan, factor, absent=()):
         if node in absent:
             continue
         counts = {ph: sum(1 for _, p in actions if p == ph) for ph in ("F", "L", "B")}
-        cpu = {ph: n * planner.cost._modelled(node, stage_of[node], ph) * factor.get(node, 1.0)
+        cpu = {ph: n * planner.cost.modelled_s(node, stage_of[node], ph) * factor.get(node, 1.0)
                for ph, n in counts.items()}
-        out[node] = {"compute_cpu_s": cpu, "compute_n": counts}
+        out[node] = NodeReport(ok=True, compute_cpu_s=cpu, compute_n=counts)
     return StepOutcome({}, 0.0, out)
 
 

@@ -8,9 +8,9 @@ can form a new group after a failure without a new rendezvous service.
 Keys (under the prefix ``skippipe/``):
 ``config`` -> {config, nodes, vocab_size}; ``ready/<node>/<incarnation>`` -> {time, process_s} (a
 worker is up); ``first/<node>/<incarnation>`` -> the first command index that incarnation reads;
-``cmd/<i>`` -> {step, generation, members, lr, plan, commit_step, sync, ...} or {stop, ...} or {abort};
-``abort/<i>`` -> True (survivors stop waiting on failed command ``i``); ``report/<i>/<node>`` -> a
-worker's report or error; ``hb/<node>`` -> time of its last heartbeat. Raw (unauthenticated) store
+``cmd/<i>`` -> a :class:`~skippipe.runtime.wire.Command`; ``abort/<i>`` -> True (survivors stop
+waiting on failed command ``i``); ``report/<i>/<node>`` -> a :class:`~skippipe.runtime.wire.NodeReport`;
+``hb/<node>`` -> time of its last heartbeat. Raw (unauthenticated) store
 keys: ``reported/<i>`` (a counter) and ``allin/<i>`` (the doorbell set by the last reporter).
 
 Privacy and authentication: the coordinator's store listens on one address (127.0.0.1 on one
@@ -42,6 +42,8 @@ from datetime import timedelta
 from typing import Any, Dict, Optional, Set
 
 import torch.distributed as dist
+
+from skippipe.runtime.wire import Command, NodeReport
 
 PREFIX = "skippipe"
 SECRET_ENV = "SKIPPIPE_CONTROL_SECRET"
@@ -209,14 +211,23 @@ class ControlChannel:
                 raise TimeoutError(f"control: nothing arrived for '{key}' within {limit:.0f} s")
 
     # -- protocol -----------------------------------------------------------------------------
-    def command(self, step: int, payload: Dict[str, Any]) -> None:
-        self.put(f"cmd/{step}", payload)
+    def command(self, index: int, command: Command) -> None:
+        self.put(f"cmd/{index}", command.to_wire())
 
-    def report(self, index: int, node: str, payload: Dict[str, Any], expected: int = 0) -> None:
-        """Report on command ``index``; the last of its ``expected`` members rings the doorbell."""
-        self.put(f"report/{index}/{node}", payload)
+    def wait_command(self, index: int, timeout_s: Optional[float] = None) -> Command:
+        return Command.from_wire(self.wait_for(f"cmd/{index}", timeout_s=timeout_s))
+
+    def report(self, index: int, report: NodeReport, expected: int = 0) -> None:
+        """``report``'s node reports on command ``index``; the last of its ``expected`` members
+        rings the doorbell."""
+        self.put(f"report/{index}/{report.node}", report.to_wire())
         if self.store.add(f"reported/{index}", 1) >= expected > 0:
             self.store.set(f"allin/{index}", "1")
+
+    def read_report(self, index: int, node: str) -> Optional[NodeReport]:
+        """``node``'s report on command ``index``, if one (authentic) is there."""
+        value = self.read(f"report/{index}/{node}")
+        return NodeReport.from_wire(value) if isinstance(value, dict) else None
 
     def ring(self, index: int) -> None:
         """Ring command ``index``'s doorbell (the coordinator, to release its own waiter)."""

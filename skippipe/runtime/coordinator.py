@@ -24,8 +24,9 @@ import torch
 from skippipe.config import Config, run_dir, to_yaml
 from skippipe.plan import Plan, write_text_atomic
 from skippipe.runtime import node_state
+from skippipe.runtime.executor import Admission, Executor, Finished, StepOutcome
 from skippipe.runtime.faults import FaultMonitor
-from skippipe.runtime.outcome import StepOutcome
+from skippipe.runtime.membership import Membership
 from skippipe.runtime.predict import Predictor, step_timings
 from skippipe.runtime.recorder import RunRecorder
 from skippipe.runtime.remote import NodeFailure, RemoteExecutor, WorkerFailed  # noqa: F401 (re-exported)
@@ -38,18 +39,21 @@ log = logging.getLogger("skippipe")
 
 
 class InProcessExecutor:
-    """Every stage in this process (the reference executor of DESIGN.md section 6)."""
+    """Every stage in this process (the reference executor of DESIGN.md section 6): an
+    :class:`~skippipe.runtime.executor.Executor` whose members never fail and that nobody joins."""
 
     def __init__(self, cfg: Config, spec, num_stages: int, device: str):
         from skippipe.train.reference import ReferenceExecutor
 
         self.cfg = cfg
         self.reference = ReferenceExecutor(spec, num_stages, cfg.run.seed, cfg.train, device=device)
+        self.membership = Membership([])
+        self.plan: Optional[Plan] = None
 
     deferred_state = False  # state digests of a step are known right after it
 
     def start(self, nodes: List[str], vocab_size: int) -> None:
-        self.plan: Optional[Plan] = None
+        self.membership = Membership(nodes)
 
     def resume(self, directory: Path) -> None:
         from skippipe.verify.checkpoint import load_stage_file
@@ -89,13 +93,35 @@ class InProcessExecutor:
         self.plan = plan
         return StepOutcome(result.losses, result.grad_norm, leaves=result.leaves, checkpoint=written)
 
-    def finish(self, out: Path, checkpoint: Optional[dict] = None):
+    def finish(self, out: Path, checkpoint: Optional[dict] = None) -> Finished:
         written = self._checkpoint(checkpoint)
         node_state.save_final(self.reference.stages, out / "final")
-        return self.reference.stages, {}, written
+        return Finished(self.reference.stages, {}, written)
 
     def close(self) -> None:
         pass
+
+    def rejected(self) -> Optional[int]:
+        return None  # no control channel
+
+    # membership: no process to fail, replace or add
+    def new_generation(self, dead) -> None:
+        raise AssertionError("the in-process executor has no nodes to lose")
+
+    def start_replacement(self, node: str, away_from_last: bool = False) -> None:
+        raise AssertionError("the in-process executor has no nodes to replace")
+
+    def join_requests(self) -> List[Dict[str, Any]]:
+        return []
+
+    def answer_join(self, request_id: int, status: str, **info) -> None:
+        raise AssertionError("the in-process executor takes no join requests")
+
+    def add_node(self, node: str, spec: Dict[str, Any]) -> None:
+        raise AssertionError("the in-process executor takes no join requests")
+
+    def admit(self, allocation: List[List[str]], rebuild: str) -> Admission:
+        return Admission()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,15 +157,15 @@ def measured_stats(outcome: StepOutcome, plan: Plan, iter_s: float) -> Dict[str,
     busy: Dict[int, List[float]] = {}
     for node, report in outcome.node_reports.items():
         if node in stage_of:
-            busy.setdefault(stage_of[node], []).append(sum(report["compute_s"].values()) / max(iter_s, 1e-9))
+            busy.setdefault(stage_of[node], []).append(sum(report.compute_s.values()) / max(iter_s, 1e-9))
     stats = {f"stage/{s}/busy_frac": sum(v) / len(v) for s, v in sorted(busy.items())}
-    stats["time/recv_wait_s"] = max(r["recv_wait_s"] for r in outcome.node_reports.values())
     reports = outcome.node_reports.values()
-    stats["memory/peak_rss_mb"] = max(r["peak_rss_mb"] for r in reports)
-    stats["memory/train_rss_mb"] = max(r["peak_rss_mb"] - (r.get("base_rss_mb") or r["peak_rss_mb"]) for r in reports)
-    messages = sum(r.get("sent_messages", 0) for r in reports)
+    stats["time/recv_wait_s"] = max(r.recv_wait_s for r in reports)
+    stats["memory/peak_rss_mb"] = max(r.peak_rss_mb for r in reports)
+    stats["memory/train_rss_mb"] = max(r.peak_rss_mb - (r.base_rss_mb or r.peak_rss_mb) for r in reports)
+    messages = sum(r.sent_messages for r in reports)
     if messages:
-        stats["net/bytes_per_message"] = sum(r.get("sent_bytes", 0) for r in reports) / messages
+        stats["net/bytes_per_message"] = sum(r.sent_bytes for r in reports) / messages
     return stats
 
 
@@ -148,7 +174,7 @@ def measured_stats(outcome: StepOutcome, plan: Plan, iter_s: float) -> Dict[str,
 
 
 class Coordinator:
-    def __init__(self, cfg: Config, make_executor: Callable[..., Any],
+    def __init__(self, cfg: Config, make_executor: Callable[..., Executor],
                  placement: Optional[Dict[str, Dict[str, str]]] = None):
         """``placement``: the machine each node runs on (``launcher=ray``: node -> Ray node id and IP),
         recorded in the run's topology.yaml as ``ray.placed_on``."""
@@ -236,7 +262,7 @@ class Coordinator:
         record: Dict[str, Any] = {}
         tokens = self.first_step * planner.state.microbatches * samples * spec.seq_len  # steps before a resume
         bar = Progress(cfg.train.steps, cfg.tracking.progress, cfg.tracking.log_every)
-        monitor = self.monitor = FaultMonitor(cfg, planner.topology.names(), topology_path=out / "topology.yaml")
+        monitor = self.monitor = FaultMonitor(cfg, executor.membership, topology_path=out / "topology.yaml")
         recorder = self.recorder
         self.predictor = Predictor()
         generation = 0
@@ -307,7 +333,7 @@ class Coordinator:
                 **route_stats(plan), **measured_stats(outcome, plan, iter_s),
                 **cluster_stats(planner, plan, monitor.generation, monitor.reroutes, chain=self.recorder.chain),
                 **monitor.metrics(),
-                **({"control/rejected": executor.rejected()} if hasattr(executor, "rejected") else {})}
+                **({"control/rejected": executor.rejected()} if executor.rejected() is not None else {})}
 
     def _finish(self, planner, executor, data, spec, metrics, out: Path, checkpoint: Optional[dict],
                 totals: Dict[str, Any]) -> Dict[str, Any]:
@@ -316,11 +342,12 @@ class Coordinator:
 
         cfg, recorder, monitor = self.cfg, self.recorder, self.monitor
         samples = cfg.train.samples_per_microbatch
-        stages, final_reports, written = executor.finish(out, checkpoint)
-        recorder.add_state(final_reports)
+        finished = executor.finish(out, checkpoint)
+        recorder.add_state(finished.reports)
         recorder.flush(cfg.train.steps - 1)
         if checkpoint:
-            recorder.add_checkpoint_entries(checkpoint["step"], written)
+            recorder.add_checkpoint_entries(checkpoint["step"], finished.checkpoint)
+        stages = finished.stages
         if stages is None:
             stages = load_stages(out / "final", spec, len(planner.allocation), cfg.run.seed, allow_missing=True)
             lost = sorted(set(range(len(planner.allocation))) - set(stages))
@@ -332,7 +359,7 @@ class Coordinator:
                    "route/reroutes": monitor.reroutes,
                    "route/replans": monitor.replans,
                    **({"verify/chain": recorder.chain[:12]} if recorder.chain else {})}
-        if hasattr(executor, "rejected"):
+        if executor.rejected() is not None:
             summary["control/rejected"] = executor.rejected()
             if summary["control/rejected"]:
                 log.warning("control: %d forged or replayed control values were ignored (control/rejected)",
@@ -361,7 +388,7 @@ class Coordinator:
         recorder = self.recorder
         recorder.add_step(step, plan, outcome, executor.deferred_state)
         if checkpoint:
-            entries = outcome.checkpoint + [r["ckpt"] for r in outcome.node_reports.values() if r.get("ckpt")]
+            entries = outcome.checkpoint + [r.ckpt for r in outcome.node_reports.values() if r.ckpt]
             recorder.add_checkpoint_entries(checkpoint["step"], entries)
 
 

@@ -11,48 +11,59 @@ microbatch of the step is trained exactly once.
 from __future__ import annotations
 
 import logging
-import statistics
 import time
 from typing import Any, Dict, List, Tuple
 
 from skippipe.errors import RunFailed
 from skippipe.plan import Plan
+from skippipe.runtime.executor import Admission, Executor
 from skippipe.runtime.links import LinkWatch
+from skippipe.runtime.membership import Membership
 from skippipe.runtime.remote import NodeFailure
+from skippipe.runtime.slow_nodes import SlowNodes
 
 log = logging.getLogger("skippipe")
 
 MAX_REDOS_PER_STEP = 5
 MAX_REPLACE_TRIES = 3  # further starts of a replacement whose worker died before it could join
-SLOW_STEPS = 3
 
 
 class FaultMonitor:
-    def __init__(self, cfg, nodes: List[str], topology_path=None):
+    """``membership``: the executor's record of who is in the run (:mod:`skippipe.runtime.membership`);
+    the planner routes around the nodes it holds out (:meth:`_route_around`)."""
+
+    def __init__(self, cfg, membership: Membership, topology_path=None):
         self.cfg = cfg
+        self.membership = membership
         self.topology_path = topology_path  # the run's topology.yaml, rewritten when a node joins
-        self.nodes = list(nodes)
         self.reroutes = 0
-        self.generation = 0
-        self.dead: set = set()
-        self.slow: Dict[str, float] = {}
-        self._streak: Dict[str, int] = {}
-        self.relative: Dict[str, float] = {}  # last measured speed ratio against the median node
         self.events: List[Dict[str, Any]] = []
         self.last_recovery: Dict[str, float] = {}  # times of the last step's recovery, for metrics
         self.last_join: Dict[str, float] = {}  # start-up times of the nodes the last step admitted
         self.requests: Dict[str, int] = {}  # node asked to join -> its request id, until it joins
         self._replace_tries: Dict[str, int] = {}  # node -> replacements started again after failing to join
-        # slow nodes that get no work are never measured again: after fault.probe_after steps without
-        # work one is costed as typical and re-planned (probation); found slow again, it waits twice
-        # as long before the next try
-        self._idle: Dict[str, int] = {}
-        self._probing: set = set()
-        self._probe_after: Dict[str, int] = {}
-        self.probes = 0
+        self.slow_nodes = SlowNodes(cfg.fault.slow_threshold, cfg.fault.probe_after)
         self.links = LinkWatch(cfg.fault.slow_threshold, cfg.fault.probe_after)
         self.replans = 0  # every re-plan after the first plan, whatever its reason (logged)
         self.link_metrics: Dict[str, float] = {}
+
+    @property
+    def generation(self) -> int:
+        return self.membership.generation
+
+    @property
+    def slow(self) -> Dict[str, float]:
+        return self.slow_nodes.slow
+
+    @property
+    def probes(self) -> int:
+        return self.slow_nodes.probes
+
+    def _route_around(self, planner) -> None:
+        """The planner's view of the run: the nodes out of it, the links and nodes on probation."""
+        planner.state.dead = self.membership.unroutable()
+        planner.state.probe_links = set(self.links.probing)
+        planner.state.probe_nodes = self.slow_nodes.probing - planner.state.dead
 
     def replan(self, planner, step: int, reason: str, quiet: bool = False) -> None:
         """Re-plan before the next step, saying why (``route/replans``; ``quiet``: already said)."""
@@ -61,7 +72,7 @@ class FaultMonitor:
         planner.invalidate()
         self.replans += 1
 
-    def execute(self, planner, executor, step: int, lr: float, data, checkpoint=None,
+    def execute(self, planner, executor: Executor, step: int, lr: float, data, checkpoint=None,
                 meanwhile=None, loss_scale: float = 1.0) -> Tuple[Plan, Any]:
         """Run ``step``; on a node failure re-plan without the failed nodes and redo it. ``meanwhile``
         (plan) runs on each attempt while the workers compute (``executor.step``); ``loss_scale``:
@@ -93,9 +104,7 @@ class FaultMonitor:
         for node, reason in sorted(failure.reasons.items()):
             log.warning("step %d: node %s failed (%s); re-planning without it", step, node, reason)
         executor.new_generation(failure.dead)
-        self.generation = executor.generation
-        self.dead |= failure.dead
-        planner.state.dead = set(self.dead)
+        self._route_around(planner)
         self.replan(planner, step, f"{', '.join(sorted(failure.dead))} failed", quiet=True)
         self.reroutes += 1
         if self.cfg.fault.replace:
@@ -108,12 +117,16 @@ class FaultMonitor:
     def before_step(self, planner, executor, step: int) -> None:
         """Take requests for new nodes, then admit replacements and new nodes that are ready; they
         re-enter (or enter) the plan in a new generation."""
-        if not hasattr(executor, "admit"):
-            return
         for request in executor.join_requests():
             self._add_node(planner, executor, step, request)
-        joined = executor.admit(planner.allocation, self.cfg.fault.rebuild)
-        for node, reason in sorted(executor.failed_joins.items()):
+        admission = executor.admit(planner.allocation, self.cfg.fault.rebuild)
+        self._retry_failed_joins(executor, step, admission)
+        if admission.joined:
+            self._joined(planner, executor, step, admission)
+
+    def _retry_failed_joins(self, executor: Executor, step: int, admission: Admission) -> None:
+        """A new node whose worker ended before joining is rejected; a replacement is started again."""
+        for node, reason in sorted(admission.failed.items()):
             if node in self.requests:
                 executor.answer_join(self.requests.pop(node), "rejected", reason=reason)
             elif self.cfg.fault.replace and self._replace_tries.get(node, 0) < MAX_REPLACE_TRIES:
@@ -123,31 +136,28 @@ class FaultMonitor:
                 log.warning("step %d: the replacement for %s failed before joining (%s); starting another "
                             "(try %d of %d)", step, node, reason, self._replace_tries[node] + 1, MAX_REPLACE_TRIES + 1)
                 executor.start_replacement(node, away_from_last=True)
-        executor.failed_joins.clear()
-        if joined:
-            for node in joined:
-                self._replace_tries.pop(node, None)
-            self.generation = executor.generation
-            self.dead -= set(joined)
-            planner.state.dead = set(self.dead)
-            self.replan(planner, step, f"{', '.join(joined)} joined", quiet=True)
-            self.reroutes += 1
-            startup = getattr(executor, "startup", {})
-            took = "; ".join(f"{n}: started {startup[n]['admitted_s']:.1f} s ago" +
-                             (f", its process up in {startup[n]['process_s']:.1f} s" if startup[n].get("process_s") else "")
-                             for n in joined if n in startup)
-            log.warning("step %d: %s joined (generation %d%s)", step, ", ".join(joined), self.generation,
-                        f"; {took}" if took else "")
-            self.events.append({"step": step, "generation": self.generation, "joined": joined,
-                                "startup": {n: startup[n] for n in joined if n in startup}})
-            for node in joined:
-                if node in startup:
-                    self.last_join[f"join/{node}/start_s"] = startup[node]["admitted_s"]
-                    if startup[node].get("process_s") is not None:
-                        self.last_join[f"join/{node}/process_s"] = startup[node]["process_s"]
-            for node in joined:
-                if node in self.requests:
-                    executor.answer_join(self.requests.pop(node), "joined", step=step, generation=self.generation)
+
+    def _joined(self, planner, executor: Executor, step: int, admission: Admission) -> None:
+        joined, startup = admission.joined, admission.startup
+        for node in joined:
+            self._replace_tries.pop(node, None)
+        self._route_around(planner)
+        self.replan(planner, step, f"{', '.join(joined)} joined", quiet=True)
+        self.reroutes += 1
+        took = "; ".join(f"{n}: started {startup[n]['admitted_s']:.1f} s ago" +
+                         (f", its process up in {startup[n]['process_s']:.1f} s" if startup[n].get("process_s") else "")
+                         for n in joined if n in startup)
+        log.warning("step %d: %s joined (generation %d%s)", step, ", ".join(joined), self.generation,
+                    f"; {took}" if took else "")
+        self.events.append({"step": step, "generation": self.generation, "joined": joined,
+                            "startup": {n: startup[n] for n in joined if n in startup}})
+        for node in joined:
+            if node in startup:
+                self.last_join[f"join/{node}/start_s"] = startup[node]["admitted_s"]
+                if startup[node].get("process_s") is not None:
+                    self.last_join[f"join/{node}/process_s"] = startup[node]["process_s"]
+            if node in self.requests:
+                executor.answer_join(self.requests.pop(node), "joined", step=step, generation=self.generation)
 
     def _add_node(self, planner, executor, step: int, request: Dict[str, Any]) -> None:
         """A node asked to join the running job (``skippipe join``): place it, start its worker."""
@@ -166,12 +176,10 @@ class FaultMonitor:
             log.warning("step %d: rejected a request to add node %s: %s", step, spec.get("name"), err)
             executor.answer_join(request["id"], "rejected", reason=str(err))
             return
-        self.nodes.append(node.name)
         if self.topology_path is not None:
             planner.topology.save(self.topology_path)
-        self.dead.add(node.name)  # not routed to until its worker is ready and admitted
-        planner.state.dead = set(self.dead)
-        executor.add_node(node.name, spec)
+        executor.add_node(node.name, spec)  # not routed to until its worker is ready and admitted
+        self._route_around(planner)
         self.requests[node.name] = request["id"]
         executor.answer_join(request["id"], "accepted", stage=stage, step=step)
         log.warning("step %d: node %s (region %s) asked to join; it will hold stage %d", step, node.name,
@@ -180,69 +188,16 @@ class FaultMonitor:
 
     def after_step(self, planner, outcome, plan: Plan, step: int = 0, warm: bool = True) -> None:
         """Fold the step's measured links in and re-plan when one changed (:class:`LinkWatch`);
-        mark nodes persistently slower than their peers and re-plan so fewer microbatches go
-        through them. A node's speed is its measured compute time (CPU time on CPU) over the cost
-        model's time for the same work, relative to the median node; slow means above
-        ``fault.slow_threshold`` for SLOW_STEPS steps in a row, so a noisy step is not enough."""
+        re-plan when the slow nodes changed (:class:`~skippipe.runtime.slow_nodes.SlowNodes`), so
+        fewer microbatches go through the slow ones."""
         for reason in self.links.observe(planner.cost, outcome.node_reports, plan, warm):
             self.replan(planner, step, reason)
         self.link_metrics = self.links.metrics(planner.cost)
-        ratios = self._speed_ratios(planner.cost, outcome, plan)
-        if len(ratios) < 2:
-            self._set_probes(planner)
-            return
-        median = statistics.median(ratios.values())
-        self.relative.update({n: r / median for n, r in ratios.items()})  # unmeasured nodes keep their last value
-        threshold = self.cfg.fault.slow_threshold
-        above = {n: r / median for n, r in ratios.items() if r / median > threshold}
-        self._streak = {n: self._streak.get(n, 0) + 1 for n in above}
-        # a node on probation was slow before: one slow step is enough to route around it again
-        slow = {n: f for n, f in above.items() if self._streak[n] >= SLOW_STEPS or n in self.slow or n in self._probing}
-        for node in sorted(set(self._probing) & set(ratios)):
-            if node in slow:
-                self._probe_after[node] = 2 * self._probe_wait(node)  # still slow: wait longer next time
-            self._probing.discard(node)
-        slow.update({n: f for n, f in self.slow.items() if n not in ratios})  # not measured: keep
-        self._idle = {n: self._idle.get(n, 0) + 1 for n in slow if n not in ratios and n not in self.dead}
-        for node in sorted(n for n, idle in self._idle.items() if 0 < self._probe_wait(n) <= idle):
-            log.warning("node %s got no work for %d steps since it was found slow; trying it again", node,
-                        self._idle[node])
-            slow.pop(node)
-            self._idle.pop(node)
-            self._streak.pop(node, None)
-            self._probing.add(node)
-            planner.cost.forget(node)
-            self.probes += 1
-        if set(slow) != set(self.slow):  # also when a node goes on probation
-            for node in sorted(set(slow) - set(self.slow)):
-                log.warning("node %s is %.1fx slower than its peers; routing around it", node, slow[node])
-            changed = sorted(set(slow) ^ set(self.slow))
+        changed = self.slow_nodes.observe(planner.cost, outcome.node_reports, plan, self.membership.unroutable())
+        if changed:
             self.replan(planner, step, f"slow nodes changed ({', '.join(changed)})", quiet=True)
             self.reroutes += 1
-        self.slow = slow
-        self._set_probes(planner)
-
-    def _set_probes(self, planner) -> None:
-        """Links and nodes on probation: the next plans send a microbatch over or through them."""
-        planner.state.probe_links = set(self.links.probing)
-        planner.state.probe_nodes = {n for n in self._probing if n not in self.dead}
-
-    def _probe_wait(self, node: str) -> int:
-        return self._probe_after.get(node, self.cfg.fault.probe_after)
-
-    @staticmethod
-    def _speed_ratios(cost, outcome, plan: Plan) -> Dict[str, float]:
-        stage_of = plan.stage_of()
-        ratios = {}
-        for node, report in outcome.node_reports.items():
-            if node not in stage_of or "compute_cpu_s" not in report:
-                continue
-            measured = sum(report["compute_cpu_s"].values())
-            modelled = sum(cost._modelled(node, stage_of[node], phase) * n
-                           for phase, n in report["compute_n"].items())
-            if modelled > 0 and measured > 0:
-                ratios[node] = measured / modelled
-        return ratios
+        self._route_around(planner)
 
     def metrics(self) -> Dict[str, float]:
         """``node/<name>/slowdown``: measured compute time relative to the median node (1.0 = typical);
@@ -252,7 +207,8 @@ class FaultMonitor:
         started to admitted, on the coordinator's clock) and ``join/<name>/process_s`` (its process
         or actor start to ready, on its own); ``route/replans`` and the measured links
         (:meth:`LinkWatch.metrics`)."""
-        out = {f"node/{n}/slowdown": round(self.relative.get(n, 1.0), 3) for n in self.nodes if n not in self.dead}
+        relative, out_of_run = self.slow_nodes.relative, self.membership.unroutable()
+        out = {f"node/{n}/slowdown": round(relative.get(n, 1.0), 3) for n in self.membership.nodes if n not in out_of_run}
         out.update(self.last_recovery)
         out.update(self.last_join)
         out["route/replans"] = self.replans

@@ -17,7 +17,9 @@ log = logging.getLogger("skippipe")
 
 
 class LocalLauncher:
-    """One worker process per node on this machine; watches and replaces them."""
+    """One worker process per node on this machine; watches and replaces them (a
+    :class:`~skippipe.runtime.executor.WorkerGroup`). Adding nodes to a running job is a Ray
+    feature (``skippipe join``): this launcher never receives a request."""
 
     def __init__(self, nodes: List[str], addr: str, port: int, threads: int, secret: str):
         self.nodes, self.addr, self.port, self.threads = list(nodes), addr, port, threads
@@ -47,6 +49,15 @@ class LocalLauncher:
         if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait()
+
+    def add(self, node: str, spec: Dict[str, Any]) -> None:
+        raise AssertionError("launcher=local takes no join requests")
+
+    def join_requests(self) -> List[Dict[str, Any]]:
+        return []
+
+    def answer(self, request_id: int, status: str, **info) -> None:
+        raise AssertionError("launcher=local takes no join requests")
 
     def pid(self, node: str) -> int:
         return self.procs[node].pid

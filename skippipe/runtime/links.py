@@ -19,7 +19,9 @@ recovers is used again within ``fault.probe_after`` steps.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Tuple
+from typing import Dict, List, Tuple
+
+from skippipe.runtime.wire import NodeReport
 
 CONFIRM_STEPS = 2  # steps in a row a link must measure off its modelled time before it counts as changed
 REPLAN_GAIN = 0.1  # a changed link re-plans when it makes the running plan's predicted step this much longer
@@ -40,12 +42,12 @@ def links_used(plan) -> Dict[Link, int]:
     return counts
 
 
-def step_links(reports: Dict[str, Dict[str, Any]]) -> Dict[Link, Tuple[float, float]]:
+def step_links(reports: Dict[str, NodeReport]) -> Dict[Link, Tuple[float, float]]:
     """``(a, b) -> (latency_s, bytes_per_s)`` (a <= b) of one step's worker reports; both
     directions of a link are one link: the faster measurement of the two (the fastest sample)."""
     out: Dict[Link, Tuple[float, float]] = {}
     for dst, report in reports.items():
-        for src, est in (report.get("links") or {}).items():
+        for src, est in report.links.items():
             key = (src, dst) if src <= dst else (dst, src)
             lat, bw = float(est["latency_s"]), float(est["bytes_per_s"])
             if key in out:
@@ -81,7 +83,7 @@ class LinkWatch:
         self.probes = 0
         self.last: Dict[Link, Tuple[float, float]] = {}  # this step's measurements
 
-    def observe(self, cost, reports: Dict[str, Dict[str, Any]], plan=None, warm: bool = True) -> List[str]:
+    def observe(self, cost, reports: Dict[str, NodeReport], plan=None, warm: bool = True) -> List[str]:
         """Fold a step's link measurements into ``cost``; the reasons to re-plan (empty: none)."""
         if not warm:
             self.last = {}

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Dict, Optional
 
 import torch
 
 from skippipe.plan import Plan
 from skippipe.runtime.transport import ACT, GRAD, link_estimates
+from skippipe.runtime.wire import NodeReport
 from skippipe.train import compute
 from skippipe.verify.leaves import data_leaf, gnorm_leaves, hop_leaf
 
@@ -64,7 +65,7 @@ class NodeStep:
         self.saved: Dict[int, compute.Saved] = {}  # microbatch -> what its backward needs
         self.targets: Dict[int, torch.Tensor] = {}  # microbatch -> its targets, until its loss (originator)
 
-    def run(self, lr: float) -> Dict[str, Any]:
+    def run(self, lr: float) -> NodeReport:
         """The step; its report for the coordinator (``pending``: the update to commit)."""
         w, transport = self.w, self.transport
         start = time.perf_counter()
@@ -82,13 +83,13 @@ class NodeStep:
         self.times.reduce_s = time.perf_counter() - t0
         transport.flush()
         times = self.times
-        return {"ok": True, "losses": {str(k): v for k, v in losses.items()}, "leaves": self.leaves,
-                "compute_s": times.compute_s, "compute_n": times.compute_n, "compute_cpu_s": times.cpu_s,
-                "reduce_s": times.reduce_s, "grad_norm": grad_norm,
-                "recv_wait_s": transport.recv_wait_s, "emulated_delay_s": transport.emulated_delay_s,
-                "links": link_estimates(transport.link_samples), "step_s": time.perf_counter() - start,
-                "sent_bytes": transport.bytes_sent - sent[0], "sent_messages": transport.messages_sent - sent[1],
-                "node": w.me, "stage": w.stage_id, "peak_rss_mb": peak_rss_mb(), "base_rss_mb": w.base_rss_mb}
+        return NodeReport(
+            ok=True, node=w.me, stage=w.stage_id, losses={str(k): v for k, v in losses.items()}, grad_norm=grad_norm,
+            leaves=self.leaves, compute_s=times.compute_s, compute_n=times.compute_n, compute_cpu_s=times.cpu_s,
+            reduce_s=times.reduce_s, recv_wait_s=transport.recv_wait_s, emulated_delay_s=transport.emulated_delay_s,
+            links=link_estimates(transport.link_samples), step_s=time.perf_counter() - start,
+            sent_bytes=transport.bytes_sent - sent[0], sent_messages=transport.messages_sent - sent[1],
+            peak_rss_mb=peak_rss_mb(), base_rss_mb=w.base_rss_mb)
 
     def _timed(self, phase: str, fn, *args):
         """Run one compute phase; record wall time (what the pipeline waits for) and, on CPU, this

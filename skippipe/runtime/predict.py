@@ -17,15 +17,12 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from skippipe.plan import Plan
-
-# what a worker report keeps in routes.jsonl (``timings``): enough to replay the predictor
-TIMING_KEYS = ("compute_s", "compute_n", "compute_cpu_s", "recv_wait_s", "emulated_delay_s", "reduce_s", "step_s",
-               "links", "cpu_s", "sent_bytes", "sent_messages", "peak_rss_mb", "base_rss_mb")
+from skippipe.runtime.wire import NodeReport
 
 
 def step_timings(outcome) -> Dict[str, Dict[str, Any]]:
     """``node -> {TIMING_KEYS}`` of a step's worker reports (empty in-process)."""
-    return {n: {k: r[k] for k in TIMING_KEYS if k in r} for n, r in outcome.node_reports.items()}
+    return {n: r.timings() for n, r in outcome.node_reports.items()}
 
 
 class Predictor:
@@ -43,31 +40,29 @@ class Predictor:
 
         return simulate(plan, cost).makespan_s + self.overhead_s
 
-    def observe(self, cost, reports: Dict[str, Dict[str, Any]], plan: Plan, iter_s: float, warm: bool = True) -> None:
+    def observe(self, cost, reports: Dict[str, NodeReport], plan: Plan, iter_s: float, warm: bool = True) -> None:
         if not warm:  # setup and cold caches would bias the smoothed costs for many steps
             return
         observe_measurements(cost, reports, plan)
-        reports = [r for r in reports.values() if "step_s" in r]
-        if not reports:
+        measured = [r for r in reports.values() if r.measured]
+        if not measured:
             return
         # the simulator covers the workers' steps; with cost.grad_sync also their gradient reduction
-        inside = "step_s" if getattr(cost, "grad_sync", False) else None
-        longest = max(r["step_s"] - (0.0 if inside else r.get("reduce_s", 0.0)) for r in reports)
+        inside = cost.grad_sync
+        longest = max(r.step_s - (0.0 if inside else r.reduce_s) for r in measured)
         overhead = max(0.0, iter_s - longest)
         w = self.weight
         self.overhead_s = overhead if self.overhead_s is None else (1 - w) * self.overhead_s + w * overhead
 
 
-def observe_measurements(cost, reports: Dict[str, Dict[str, Any]], plan: Plan) -> None:
+def observe_measurements(cost, reports: Dict[str, NodeReport], plan: Plan) -> None:
     """Fold measured per-phase compute times into the cost model (EWMA), so re-plans follow reality."""
-    if not hasattr(cost, "observe_compute"):
-        return
     stage_of = plan.stage_of()
     for node, report in reports.items():
         if node not in stage_of:
             continue
-        for phase, total in report["compute_s"].items():
-            count = report["compute_n"][phase]
+        for phase, total in report.compute_s.items():
+            count = report.compute_n[phase]
             if count:
                 cost.observe_compute(node, stage_of[node], phase, total / count)
 
@@ -99,9 +94,10 @@ def replay_predictions(run_dir, predictor: Optional[Predictor] = None) -> List[D
         if "iter_s" not in line or not line.get("timings"):
             continue
         plan = Plan.from_dict(line["plan"])
+        reports = {n: NodeReport.from_timings(t) for n, t in line["timings"].items()}
         predicted = predictor.predict(cost, plan)
         out.append({"step": line["step"], "iter_s": line["iter_s"], "predicted_s": predicted,
                     "simulated_s": simulate(plan, cost).makespan_s})
-        predictor.observe(cost, line["timings"], plan, line["iter_s"], line.get("warm", True))
-        links.observe(cost, line["timings"], plan, line.get("warm", True))
+        predictor.observe(cost, reports, plan, line["iter_s"], line.get("warm", True))
+        links.observe(cost, reports, plan, line.get("warm", True))
     return out

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Set
 
 from skippipe.errors import UserError
+from skippipe.runtime.wire import NodeReport
 from skippipe.verify.leaves import loss_leaves, node_state_leaves, route_leaf
 
 log = logging.getLogger("skippipe")
@@ -49,7 +50,7 @@ class RunRecorder:
         self.pinned |= {int(o["step"]) for o in outcome.rebuilt.values() if o.get("from") == "checkpoint"}
         leaves = {**route_leaf(plan), **loss_leaves(outcome.losses), **outcome.leaves}
         for report in outcome.node_reports.values():
-            leaves.update(report.get("leaves") or {})
+            leaves.update(report.leaves)
         self.pending[step] = leaves
         self.stage_of[step] = plan.stage_of()
         self.add_state(outcome.node_reports)
@@ -59,9 +60,9 @@ class RunRecorder:
         else:
             self.flush(step - 1)
 
-    def add_state(self, reports: Dict[str, Dict[str, Any]]) -> None:
+    def add_state(self, reports: Dict[str, NodeReport]) -> None:
         """State digests reported by workers (``{"step", "digests"}`` of the last committed update)."""
-        self.add_states({node: r["state"] for node, r in reports.items() if r.get("state")})
+        self.add_states({node: r.state for node, r in reports.items() if r.state})
 
     def add_states(self, states: Dict[str, Dict[str, Any]]) -> None:
         """``node -> {"step", "digests"}``; the state of a step is that of its stage's replicas."""

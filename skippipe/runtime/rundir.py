@@ -59,18 +59,17 @@ def keep_lr_schedule(cfg: Config, out: Path) -> None:
     the run's config.yaml, writes nothing."""
     import logging
 
-    from omegaconf import OmegaConf
+    from skippipe.runfiles import read_config_data
 
-    path = out / "config.yaml"
-    if not cfg.run.resume or cfg.train.lr_steps is not None or not path.is_file():
+    if not cfg.run.resume or cfg.train.lr_steps is not None or not (out / "config.yaml").is_file():
         return
-    old = OmegaConf.load(path).train
-    horizon = old.get("lr_steps") or old.steps
-    if horizon != cfg.train.steps:
+    old = read_config_data(out).get("train") or {}
+    horizon = old.get("lr_steps") or old.get("steps")
+    if horizon is not None and horizon != cfg.train.steps:
         cfg.train.lr_steps = int(horizon)
         logging.getLogger("skippipe").info(
-            "run.resume: train.steps %d -> %d; the learning-rate schedule keeps its horizon of %d steps "
-            "(train.lr_steps=%d)", old.steps, cfg.train.steps, horizon, horizon)
+            "run.resume: train.steps %s -> %d; the learning-rate schedule keeps its horizon of %d steps "
+            "(train.lr_steps=%d)", old.get("steps"), cfg.train.steps, horizon, horizon)
 
 
 def _check_resume(cfg: Config, out: Path, header_extra: Dict[str, Any]) -> Optional[int]:

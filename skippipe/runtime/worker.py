@@ -37,6 +37,7 @@ from skippipe.runtime.groups import GenerationGroups
 from skippipe.runtime.inject import FaultInjector, slow_links_at
 from skippipe.runtime.node_step import NodeStep, PendingUpdate, peak_rss_mb
 from skippipe.runtime.transport import Aborted, LinkModel, TransportError, Waiter
+from skippipe.runtime.wire import Command, NodeReport
 from skippipe.train import compute
 from skippipe.verify.leaves import state_digests
 
@@ -113,8 +114,8 @@ class Worker:
         return torch.device(name)
 
     # -- membership -----------------------------------------------------------------------------
-    def setup(self, command: Dict[str, Any], plan: Plan) -> None:
-        """Join generation ``command['generation']``: build the stage if new, form the process
+    def setup(self, command: Command, plan: Plan) -> None:
+        """Join generation ``command.generation``: build the stage if new, form the process
         groups of the live members, and copy stage state to new replicas if the command says so."""
         from skippipe.model.presets import resolve_model_spec
         from skippipe.model.transformer import build_stages
@@ -136,8 +137,8 @@ class Worker:
         backend = cfg.runtime.backend
         if backend == "auto":
             backend = "nccl" if self.device.type == "cuda" else "gloo"
-        self.groups.form(backend, self.control.raw, plan, self.stage_id, command["members"], command["generation"],
-                         self._links(command.get("added") or []))
+        self.groups.form(backend, self.control.raw, plan, self.stage_id, command.members, command.generation,
+                         self._links(command.added))
         self._copy_stages(command, plan)
         if self.base_rss_mb is None:  # before the first step: the process, its stage and groups
             self.base_rss_mb = peak_rss_mb()
@@ -155,16 +156,16 @@ class Worker:
         self._link_names = topo.names()
         return LinkModel(topo.latency_s, topo.bandwidth_bytes_per_s)
 
-    def _copy_stages(self, command: Dict[str, Any], plan: Plan) -> None:
+    def _copy_stages(self, command: Command, plan: Plan) -> None:
         """A new replica's stage: copied from a live one (``sync``), rebuilt from its neighbours
         (``rebuild``, CheckFree) or loaded from a verified checkpoint (``restore``)."""
-        for stage, source in sorted((command.get("sync") or {}).items()):
+        for stage, source in sorted(command.sync.items()):
             if self.stage_id == int(stage) and self.groups.stage_group is not None:
                 node_state.sync_stage(self.groups, self.stage, self.optimizer, source)
-        for stage, sources in sorted((command.get("rebuild") or {}).items()):
+        for stage, sources in sorted(command.rebuild.items()):
             node_state.rebuild_stage(self.groups, self.me, self.stage, self.stage_id, int(stage), sources, plan,
                                      self.spec.n_layers)
-        restore = (command.get("restore") or {}).get(str(self.stage_id))
+        restore = command.restore.get(str(self.stage_id))
         if restore:  # this stage lost every replica: load it from a verified checkpoint
             self.load_checkpoint(restore)
 
@@ -187,7 +188,7 @@ class Worker:
             if self.level != "off":
                 self.state_report = {"step": pending.step, "digests": state_digests(self.stage, self.optimizer)}
 
-    def step(self, plan: Plan, step: int, lr: float, loss_scale: float = 1.0) -> Dict[str, Any]:
+    def step(self, plan: Plan, step: int, lr: float, loss_scale: float = 1.0) -> NodeReport:
         self.faults.start_step(step)
         transport = self.groups.transport
         if transport.links is not None:
@@ -195,7 +196,8 @@ class Worker:
         run = NodeStep(self, plan, step, loss_scale)
         report = run.run(lr)
         self.pending = run.pending
-        return {**report, "cpu_s": self._cpu_since_last_report(), "control_rejected": self.control.rejected}
+        report.cpu_s, report.control_rejected = self._cpu_since_last_report(), self.control.rejected
+        return report
 
     def _cpu_since_last_report(self) -> float:
         """CPU seconds of this whole process (every thread) since its previous step report: the
@@ -218,7 +220,7 @@ class Worker:
         return {**node_state.save_checkpoint(self.stage, self.optimizer, self.stage_id, step, directory),
                 "node": self.me}
 
-    def check_paths(self, command: Dict[str, Any]) -> None:
+    def check_paths(self, command: Command) -> None:
         from skippipe.config import run_dir
 
         check_command_paths(command, run_dir(self.cfg))
@@ -240,29 +242,27 @@ class Worker:
         self.groups.close()
 
 
-def check_command_paths(command: Dict[str, Any], run_directory) -> None:
+def check_command_paths(command: Command, run_directory) -> None:
     """Every path a command names (final model, checkpoint, load, restore) must lie inside the run's
     directory: commands are authenticated, and even so a worker never writes or reads elsewhere."""
     from pathlib import Path
 
     root = Path(run_directory).resolve()
-    paths = [command.get("save_dir"), (command.get("checkpoint") or {}).get("dir"), command.get("load"),
-             *(command.get("restore") or {}).values()]
-    for path in paths:
-        if path is not None and not Path(path).resolve().is_relative_to(root):
+    for path in command.paths():
+        if not Path(path).resolve().is_relative_to(root):
             raise RuntimeError(f"refusing a command path outside the run directory {root}: {path}")
 
 
-def describe_error(err: BaseException) -> Dict[str, Any]:
-    """One line for the coordinator. ``secondary`` marks errors caused by a failed peer (not to be
-    blamed); ``bad_peer`` names a peer that sent a message that does not match the plan."""
+def describe_error(err: BaseException, node: str) -> NodeReport:
+    """``node``'s failure report, one line. ``secondary`` marks errors caused by a failed peer (not
+    to be blamed); ``bad_peer`` names a peer that sent a message that does not match the plan."""
     text = str(err).splitlines()[0] if str(err) else ""
     peer = err.peer if isinstance(err, TransportError) else None
     bad_message = isinstance(err, TransportError) and "bad message" in text
     secondary = ((peer is not None and not bad_message) or isinstance(err, Aborted)
                  or any(w in str(err) for w in _PEER_FAILURE_WORDS))
-    return {"ok": False, "message": f"{type(err).__name__}: {text}", "peer": peer, "secondary": secondary,
-            "bad_peer": peer if bad_message else None, "time": time.time()}
+    return NodeReport(ok=False, node=node, message=f"{type(err).__name__}: {text}", peer=peer, secondary=secondary,
+                      bad_peer=peer if bad_message else None, time=time.time())
 
 
 def _heartbeat(control_addr, port, namespace, name, period_s, stop: threading.Event) -> None:
@@ -302,48 +302,60 @@ def serve(env: WorkerEnv, control: ControlChannel, namespace: str = "") -> None:
                                               worker.cfg.fault.heartbeat_s, stop), daemon=True).start()
     control.put(f"ready/{worker.me}/{env.incarnation}", {"time": time.time(), "process_s": _process_age_s()})
     index = control.wait_for(f"first/{worker.me}/{env.incarnation}", timeout_s=worker.cfg.runtime.timeout_s * 4)
-    plan = None
+    plan: Optional[Plan] = None
     try:
         while True:
-            command = control.wait_for(f"cmd/{index}", timeout_s=worker.cfg.runtime.timeout_s * 4)
+            command = control.wait_command(index, timeout_s=worker.cfg.runtime.timeout_s * 4)
             worker.command_index = index
-            if command.get("abort"):
-                raise RuntimeError(f"the coordinator aborted the run: {command['abort']}")
-            if worker.me not in command.get("members", [worker.me]):
+            if command.abort:
+                raise RuntimeError(f"the coordinator aborted the run: {command.abort}")
+            if worker.me not in command.members:
                 return  # excluded from the new generation
-            expected = len(command.get("members", []))  # the last of them to report rings the doorbell
-            extra: Dict[str, Any] = {}
-            try:
-                worker.check_paths(command)
-                worker.commit(command.get("commit_step"))
-                ckpt = command.get("checkpoint")
-                extra = {"state": worker.take_state_report(),
-                         "ckpt": worker.save_checkpoint(plan, ckpt["step"], ckpt["dir"], command["members"]) if ckpt else None}
-                if command.get("stop"):
-                    if plan is not None and command.get("save_dir"):
-                        worker.save_final(plan, command["save_dir"])
-                    control.report(index, worker.me, {"ok": True, "stopped": True, **extra}, expected)
-                    return
-                plan = Plan.from_dict(command["plan"])
-                if command["generation"] != worker.generation:
-                    worker.setup(command, plan)
-                if command.get("load"):
-                    worker.load_checkpoint(command["load"])
-                control.report(index, worker.me, {**worker.step(plan, command["step"], command["lr"], command.get("loss_scale", 1.0)), **extra},
-                               expected)
-            except Exception as err:  # report, drop this generation's groups, wait for the next command
-                info = {**describe_error(err), "state": extra.get("state") or worker.take_state_report(),
-                        "ckpt": extra.get("ckpt")}
-                control.report(index, worker.me, info, expected)
-                if info["secondary"]:  # caused by a peer: one line; the coordinator names the cause
-                    log.warning("step abandoned: %s", info["message"][:200])
-                else:
-                    traceback.print_exc(file=sys.stderr)
-                worker.close()
+            plan, stopped = _execute(worker, command, plan, index)
+            if stopped:
+                return
             index += 1
     finally:
         stop.set()
         worker.close()
+
+
+def _execute(worker: Worker, command: Command, plan: Optional[Plan], index: int):
+    """Run one command and report on it: (the plan now in use, whether the command was the stop).
+    A failure is reported (blamed on a peer or not, :func:`describe_error`) and this generation's
+    groups are dropped; the worker then waits for the next command."""
+    control = worker.control
+    expected = len(command.members)  # the last of them to report rings the doorbell
+    state, ckpt = None, None
+    try:
+        worker.check_paths(command)
+        worker.commit(command.commit_step)
+        state = worker.take_state_report()
+        if command.checkpoint:
+            ckpt = worker.save_checkpoint(plan, command.checkpoint["step"], command.checkpoint["dir"], command.members)
+        if command.stop:
+            if plan is not None and command.save_dir:
+                worker.save_final(plan, command.save_dir)
+            control.report(index, NodeReport(ok=True, node=worker.me, stopped=True, state=state, ckpt=ckpt), expected)
+            return plan, True
+        plan = Plan.from_dict(command.plan)
+        if command.generation != worker.generation:
+            worker.setup(command, plan)
+        if command.load:
+            worker.load_checkpoint(command.load)
+        report = worker.step(plan, command.step, command.lr, command.loss_scale)
+        report.state, report.ckpt = state, ckpt
+        control.report(index, report, expected)
+    except Exception as err:  # report, drop this generation's groups, wait for the next command
+        report = describe_error(err, worker.me)
+        report.state, report.ckpt = state or worker.take_state_report(), ckpt
+        control.report(index, report, expected)
+        if report.secondary:  # caused by a peer: one line; the coordinator names the cause
+            log.warning("step abandoned: %s", report.message[:200])
+        else:
+            traceback.print_exc(file=sys.stderr)
+        worker.close()
+    return plan, False
 
 
 def run_worker(env: WorkerEnv, control: ControlChannel, namespace: str = "") -> int:
