@@ -416,7 +416,7 @@ def check_config(cfg: Config) -> None:
     _check_numbers(cfg)
     stages = num_stages(cfg)
     _positive(stages, "schedule.num_stages")
-    spec = resolve_model_spec(cfg.model, vocab_size=cfg.model.vocab_size or 256)
+    spec = resolve_model_spec(cfg.model)  # the shape; the vocabulary comes with the data
     if stages > spec.n_layers:
         raise ConfigError(
             f"{stages} stages > model.n_layers={spec.n_layers}: every stage needs a layer; "

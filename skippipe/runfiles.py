@@ -1,5 +1,6 @@
-"""Reading a run directory's files back (``skippipe plot``, ``skippipe eval``, the benchmarks):
-its JSON-lines logs and the resolved config it saved."""
+"""Reading a run directory's files back (``skippipe plot``, ``eval``, ``verify``, ``export``, a
+resume, the benchmarks): its JSON-lines logs and the resolved config it saved (every reader of
+``runs/<name>/config.yaml`` goes through :func:`read_config_data`)."""
 
 from __future__ import annotations
 
@@ -29,18 +30,11 @@ def read_metrics(run_dir: Path) -> List[Dict[str, Any]]:
     return read_jsonl(path)
 
 
-def read_run_config(run_dir: Path, need_topology: bool = False):
-    """The resolved config a run saved (``runs/<name>/config.yaml``).
-
-    The topology is the run's own copy (``runs/<name>/topology.yaml``, which also holds the nodes
-    that joined the running job) when there is one. Otherwise paths are relative to where the run
-    was started; a topology file that is not found from here is dropped unless ``need_topology``
-    (then the error says where to run from). The replay source is always dropped (a finished run
-    does not need it).
-    """
+def read_config_data(run_dir: Path) -> Dict[str, Any]:
+    """``runs/<name>/config.yaml`` as plain data (resolved); a missing or unreadable file is a
+    one-line UserError naming it."""
     from omegaconf import OmegaConf
 
-    from skippipe.config import from_dict
     from skippipe.errors import UserError
 
     run_dir = Path(run_dir)
@@ -53,6 +47,25 @@ def read_run_config(run_dir: Path, need_topology: bool = False):
         data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     except Exception as err:
         raise UserError(f"'{path}' is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"'{path}' does not hold a config (a mapping); it is not a file written by `skippipe train`")
+    return data
+
+
+def read_run_config(run_dir: Path, need_topology: bool = False):
+    """The resolved config a run saved (``runs/<name>/config.yaml``).
+
+    The topology is the run's own copy (``runs/<name>/topology.yaml``, which also holds the nodes
+    that joined the running job) when there is one. Otherwise paths are relative to where the run
+    was started; a topology file that is not found from here is dropped unless ``need_topology``
+    (then the error says where to run from). The replay source is always dropped (a finished run
+    does not need it).
+    """
+    from skippipe.config import from_dict
+    from skippipe.errors import UserError
+
+    run_dir = Path(run_dir)
+    data = read_config_data(run_dir)
     if (run_dir / "topology.yaml").is_file():  # the run's own copy, with any nodes that joined it
         data["topology"] = {**(data.get("topology") or {}), "file": str(run_dir / "topology.yaml")}
     topology_file = (data.get("topology") or {}).get("file")

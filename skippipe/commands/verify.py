@@ -325,10 +325,10 @@ def _common_checkpoint(run_a: Path, run_b: Path, la: Ledger, lb: Ledger, step: i
 
 
 def _verify_level(run: Path) -> str:
-    from omegaconf import OmegaConf
+    from skippipe.runfiles import read_config_data
 
     try:
-        return str(OmegaConf.load(Path(run) / "config.yaml").verify.level)
+        return str(read_config_data(run)["verify"]["level"])
     except Exception:  # an unreadable config is reported by the checks that need it
         return "unknown"
 

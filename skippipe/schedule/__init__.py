@@ -34,11 +34,13 @@ def allocation_for(topology, cost, params, method: Optional[str] = None):
 def build_cost(cfg):
     """(topology, model spec, cost model) for a config."""
     from skippipe.cost import CostModel, resolve_memory
+    from skippipe.data import vocab_size_of
     from skippipe.model.presets import resolve_model_spec
     from skippipe.topology import load_topology
 
     topology = load_topology(cfg)
-    spec = resolve_model_spec(cfg.model, vocab_size=cfg.model.vocab_size or 256)
+    # the vocabulary the workers build the model with (the head's cost and memory depend on it)
+    spec = resolve_model_spec(cfg.model, vocab_size=cfg.model.vocab_size or vocab_size_of(cfg.data))
     cost = CostModel.from_config(cfg, spec, topology)
     resolve_memory(cfg, cost)
     return topology, spec, cost

@@ -74,9 +74,8 @@ def _faulty_op(cfg, step: int, stage_id: int, route, stage_of) -> Optional[str]:
 def pin_operator(run_a: Path, run_b: Path, step: int, leaf: str) -> dict:
     """The first operator of the disputed stage whose inputs agree and output differs between the
     two runs' re-executions of ``step`` (or ``{"operator": None}`` when all agree)."""
-    from omegaconf import OmegaConf
-
     from skippipe.config import from_dict
+    from skippipe.runfiles import read_config_data
     from skippipe.verify.compare import describe_leaf
     from skippipe.verify.replay import executor_at
 
@@ -96,7 +95,7 @@ def pin_operator(run_a: Path, run_b: Path, step: int, leaf: str) -> dict:
     mb = data.microbatch(cfg.run.seed, step, route.id, cfg.train.samples_per_microbatch, executor.spec.seq_len)
     traces = []
     for run in (run_a, run_b):
-        own = from_dict(OmegaConf.to_container(OmegaConf.load(Path(run) / "config.yaml"), resolve=True))
+        own = from_dict(read_config_data(run))
         traces.append(op_trace(executor.stages, stage_id, route, mb, stage_of, _faulty_op(own, step, stage_id,
                                                                                             route, stage_of)))
     for (name, in_a, out_a), (_, in_b, out_b) in zip(*traces):

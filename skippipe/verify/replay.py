@@ -16,14 +16,10 @@ from skippipe.errors import UserError
 
 def load_run_config(run_dir: Path):
     """The run's resolved config, with faults and tracking off (a replay is quiet and honest)."""
-    from omegaconf import OmegaConf
-
     from skippipe.config import from_dict
+    from skippipe.runfiles import read_config_data
 
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise UserError(f"'{path}' is missing: '{run_dir}' is not a SkipPipe run directory")
-    data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    data = read_config_data(run_dir)
     data["fault"] = {}
     data.setdefault("tracking", {})["wandb"] = {"mode": "disabled"}
     data["schedule"]["routes_from"] = None
