@@ -281,6 +281,15 @@ def test_tiny_config_plans_with_bounded_effort_and_identically():
     assert first.extra["search_capped"] is False
 
 
+def test_the_search_is_seeded_where_it_changes_the_plan(geo):
+    """On the geo topology the local search accepts moves (on tiny it accepts none, so tiny's
+    identical re-plan cannot tell a seeded search from an unseeded one): planning again gives the
+    same plan."""
+    cfg, topology, cost, allocation, plans = geo
+    assert plans["skippipe"].extra["search_accepted"] > 0
+    assert route(allocation, topology, cost, cfg, method="skippipe").to_dict() == plans["skippipe"].to_dict()
+
+
 def test_planner_places_a_new_node_in_the_thinnest_stage():
     from skippipe.errors import UserError
     from skippipe.model.presets import resolve_model_spec
