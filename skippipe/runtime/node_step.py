@@ -19,7 +19,7 @@ from skippipe.plan import Plan
 from skippipe.runtime.transport import ACT, GRAD, link_estimates
 from skippipe.runtime.wire import NodeReport
 from skippipe.train import compute
-from skippipe.verify.leaves import data_leaf, gnorm_leaves, hop_leaf
+from skippipe.verify.leaves import data_leaves, gnorm_leaves, hop_leaves
 
 
 @dataclass
@@ -129,14 +129,14 @@ class NodeStep:
             mb = w.data.microbatch(w.cfg.run.seed, step, mb_id, w.cfg.train.samples_per_microbatch, w.spec.seq_len)
             x, self.targets[mb_id] = mb.inputs.to(w.device), mb.targets.to(w.device)
             if w.level != "off":
-                self.leaves.update(data_leaf(mb))
+                self.leaves.update(data_leaves(mb))
         else:
             x = self.transport.recv(nodes[i - 1], step, mb_id, ACT, self.act_shape, self.dtype)
         out, self.saved[mb_id] = self._timed("F", compute.forward, w.stage, x, self.mode)
         if w.faults.corrupting(step, "act"):
             out = w.faults.corrupt_activation(out)
         if w.level == "full":
-            self.leaves.update(hop_leaf("act", mb_id, i, w.stage_id, out))
+            self.leaves.update(hop_leaves("act", mb_id, i, w.stage_id, out))
         self.transport.send(out, after, step, mb_id, ACT)
 
     def _loss(self, mb_id: int, nodes) -> float:
@@ -146,7 +146,7 @@ class NodeStep:
                                              self.targets.pop(mb_id), self.mode, self.loss_scale)
         self.acc.add(mb_id, compute.head_params(w.stage), head_grads)
         if w.level == "full":
-            self.leaves.update(hop_leaf("grad", mb_id, len(nodes) - 1, 0, grad))
+            self.leaves.update(hop_leaves("grad", mb_id, len(nodes) - 1, 0, grad))
         self.transport.send(grad, nodes[-1], step, mb_id, GRAD)
         return float(loss)
 
@@ -158,7 +158,7 @@ class NodeStep:
         self.acc.complete(mb_id)
         if i > 0:
             if w.level == "full":
-                self.leaves.update(hop_leaf("grad", mb_id, i - 1, w.stage_id, grad_in))
+                self.leaves.update(hop_leaves("grad", mb_id, i - 1, w.stage_id, grad_in))
             self.transport.send(grad_in, nodes[i - 1], step, mb_id, GRAD)
 
     def _reduce(self, lr: float) -> float:

@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, Set
 
 from skippipe.errors import UserError
 from skippipe.runtime.wire import NodeReport
-from skippipe.verify.leaves import loss_leaves, node_state_leaves, route_leaf
+from skippipe.verify.leaves import loss_leaves, node_state_leaves, route_leaves
 
 log = logging.getLogger("skippipe")
 
@@ -48,7 +48,7 @@ class RunRecorder:
         if not self.enabled:
             return
         self.pinned |= {int(o["step"]) for o in outcome.rebuilt.values() if o.get("from") == "checkpoint"}
-        leaves = {**route_leaf(plan), **loss_leaves(outcome.losses), **outcome.leaves}
+        leaves = {**route_leaves(plan), **loss_leaves(outcome.losses), **outcome.leaves}
         for report in outcome.node_reports.values():
             leaves.update(report.leaves)
         self.pending[step] = leaves

@@ -19,12 +19,12 @@ from skippipe.train import compute
 from skippipe.train.compute import GradAccumulator
 from skippipe.train.optim import apply_step, make_optimizer
 from skippipe.verify.leaves import (
-    data_leaf,
+    data_leaves,
     gnorm_leaves,
-    hop_leaf,
+    hop_leaves,
     loss_leaves,
     node_state_leaves,
-    route_leaf,
+    route_leaves,
     state_digests,
 )
 
@@ -88,12 +88,12 @@ class ReferenceExecutor:
         on_send = None
         if level == "full" and leaves is not None:
             def on_send(kind, mb_id, hop, sender_stage, tensor):
-                leaves.update(hop_leaf(kind, mb_id, hop, sender_stage, tensor))
+                leaves.update(hop_leaves(kind, mb_id, hop, sender_stage, tensor))
         losses = {}
         for route in sorted(plan.microbatches, key=lambda r: r.id):
             mb = by_id[route.id]
             if level != "off" and leaves is not None:
-                leaves.update(data_leaf(mb))
+                leaves.update(data_leaves(mb))
             moved = Microbatch(mb.id, mb.sample_ids, mb.inputs.to(self.device), mb.targets.to(self.device))
             losses[route.id] = microbatch_gradients(self.stages, stage_of, route, moved, accumulators, on_send,
                                                     self.mode, loss_scale)
@@ -113,7 +113,7 @@ class ReferenceExecutor:
         for k in sorted(grads):
             apply_step(self.stages[k], self.optimizers[k], grads[k], scale, lr)
         if level != "off":  # every replica holds the same state: hash once, name it per node
-            leaves.update(route_leaf(plan))
+            leaves.update(route_leaves(plan))
             leaves.update(loss_leaves(losses))
             leaves.update(gnorm_leaves(sq_norms))
             for k, nodes in enumerate(plan.allocation):

@@ -12,6 +12,9 @@ Names (stage membership is the ``stage{k}`` segment; the others are global):
 - ``param/stage{k}/{node}/{tensor}``, ``opt/stage{k}/{node}/{tensor}/{exp_avg|exp_avg_sq|step}``: the
   state of every node after the step's optimizer update.
 
+The functions here return leaves (``{name: digest}``: ``data_leaves``, ``hop_leaves``, ...); the
+names alone come from :mod:`skippipe.verify.ledger` (``ledger.data_leaf(id) -> "data/mb{id}"``).
+
 Tensor digests use the tensor's role as tag (``param/<name>``), not the node, so replicas and a
 checkpoint's manifest carry the same digests.
 """
@@ -30,14 +33,14 @@ from skippipe.verify.digest import bytes_digest, json_digest, tensor_digest
 OPT_KEYS = ("exp_avg", "exp_avg_sq", "step")
 
 
-def data_leaf(microbatch) -> Dict[str, str]:
+def data_leaves(microbatch) -> Dict[str, str]:
     ids = json.dumps(list(microbatch.sample_ids)).encode()
     parts = ids + tensor_digest("data/inputs", microbatch.inputs).encode() + \
         tensor_digest("data/targets", microbatch.targets).encode()
     return {ledger.data_leaf(microbatch.id): bytes_digest("data", parts)}
 
 
-def route_leaf(plan) -> Dict[str, str]:
+def route_leaves(plan) -> Dict[str, str]:
     routes = [[mb.id, mb.originator, list(mb.path)] for mb in sorted(plan.microbatches, key=lambda m: m.id)]
     return {"route": json_digest("route", {"allocation": plan.allocation, "microbatches": routes})}
 
@@ -53,7 +56,7 @@ def gnorm_leaves(stage_sq_norms: Dict[int, object]) -> Dict[str, str]:
     return {f"gnorm/stage{k}": bytes_digest("gnorm", struct.pack("<d", float(v))) for k, v in stage_sq_norms.items()}
 
 
-def hop_leaf(kind: str, microbatch_id: int, hop: int, sender_stage: int, tensor: torch.Tensor) -> Dict[str, str]:
+def hop_leaves(kind: str, microbatch_id: int, hop: int, sender_stage: int, tensor: torch.Tensor) -> Dict[str, str]:
     name = (ledger.act_leaf if kind == "act" else ledger.grad_leaf)(microbatch_id, hop, sender_stage)
     return {name: tensor_digest(kind, tensor)}
 
