@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from skippipe.errors import PlanError
+from skippipe.fileio import write_text_atomic
 
 PLAN_FORMAT = "skippipe.plan.v1"
 PHASES = ("F", "L", "B")
@@ -140,13 +141,6 @@ class Plan:
     def save(self, path: str | Path) -> None:
         write_text_atomic(Path(path), self.to_json())
 
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a temp name beside ``path`` and rename, so a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from skippipe.fileio import atomic_path
 from skippipe.gantt import draw_events, node_rows, phase_legend, stage_separators
 from skippipe.runfiles import read_jsonl, read_metrics, read_run_config
 
@@ -41,9 +42,8 @@ def _pyplot():
 def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     _pyplot().close(fig)
     return path
 

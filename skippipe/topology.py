@@ -127,7 +127,7 @@ class Topology:
         """Write the topology YAML atomically (temp file, then rename)."""
         import yaml
 
-        from skippipe.plan import write_text_atomic
+        from skippipe.fileio import write_text_atomic
 
         write_text_atomic(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None))
 

@@ -26,6 +26,7 @@ import torch
 
 from skippipe.data.tokenizer import BPETokenizer, ByteTokenizer, HFTokenizer
 from skippipe.errors import UserError
+from skippipe.fileio import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -151,10 +152,8 @@ def _tokenize(data_cfg, train_texts: List[str], val_texts: List[str], tag: str) 
             arrays.append(np.load(path, mmap_mode="r"))
             continue
         tokens = np.concatenate([tokenizer.encode(t) for t in texts])
-        cdir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp.npy")
-        np.save(tmp, tokens)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            np.save(tmp, tokens)
         arrays.append(tokens)
     return TokenData(arrays[0], arrays[1], tokenizer, tag)
 

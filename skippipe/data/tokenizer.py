@@ -9,6 +9,8 @@ from typing import Iterable, List
 
 import numpy as np
 
+from skippipe.fileio import atomic_path
+
 
 class ByteTokenizer:
     """UTF-8 bytes as tokens: vocabulary 256, nothing to train, nothing to download."""
@@ -44,10 +46,8 @@ class BPETokenizer:
             trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
             tok.train_from_iterator(texts, trainer=trainer)
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            tok.save(str(tmp))
-            tmp.replace(path)
+            with atomic_path(path) as tmp:
+                tok.save(str(tmp))
             self._tok = tok
         self.path = path  # the trained tokenizer.json (shipped by `skippipe export --hf`)
         self.vocab_size = self._tok.get_vocab_size()

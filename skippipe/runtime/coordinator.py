@@ -22,7 +22,8 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 
 from skippipe.config import Config, run_dir, to_yaml
-from skippipe.plan import Plan, write_text_atomic
+from skippipe.fileio import write_text_atomic
+from skippipe.plan import Plan
 from skippipe.runtime import node_state
 from skippipe.runtime.executor import Admission, Executor, Finished, StepOutcome
 from skippipe.runtime.faults import FaultMonitor

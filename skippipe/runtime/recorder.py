@@ -185,7 +185,7 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
     """Keep the lines of steps <= ``last_step`` (resume continues after them); atomic."""
     if not path.is_file():
         return
-    from skippipe.plan import write_text_atomic
+    from skippipe.fileio import write_text_atomic
 
     kept = [line for line in path.read_text().splitlines()
             if line.strip() and json.loads(line).get("step", 0) <= last_step and "loss/val" not in json.loads(line)]

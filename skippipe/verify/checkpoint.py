@@ -16,7 +16,6 @@ A checkpoint is written into ``ckpt/.tmp-<step>`` and renamed to ``ckpt/<step>``
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from skippipe.plan import write_text_atomic
+from skippipe.fileio import atomic_path, write_text_atomic
 from skippipe.verify.digest import tensor_digest
 from skippipe.verify.ledger import Ledger, checkpoint_to_leaf
 
@@ -61,14 +60,9 @@ def write_manifest(ckpt_dir, step: int, chain: str, files: Dict[str, dict]) -> P
 
 
 def save_tensors_atomic(path, tensors: Dict[str, torch.Tensor]) -> None:
-    """``torch.save`` to a temp name beside ``path``, fsync, rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save({name: t.detach().cpu().contiguous() for name, t in tensors.items()}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    """``torch.save`` of the tensors (on the CPU) to ``path`` (:func:`skippipe.fileio.atomic_path`)."""
+    with atomic_path(Path(path)) as tmp:
+        torch.save({name: t.detach().cpu().contiguous() for name, t in tensors.items()}, tmp)
 
 
 def write_checkpoint(run_dir, step: int, chain: str,

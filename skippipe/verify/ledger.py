@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from skippipe.errors import UserError
-from skippipe.plan import write_text_atomic
+from skippipe.fileio import write_text_atomic
 from skippipe.verify.digest import chain_next, chain_start, hash_fields, merkle_root, tensor_digest
 
 SCHEME = "skippipe.ledger.v1"
