@@ -5,6 +5,7 @@ import torch
 from skippipe.config import load_config
 from skippipe.data import load_data
 from skippipe.errors import UserError
+from skippipe.schedule import build_cost
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +46,8 @@ def test_local_text_files_and_bpe(tmp_path):
     data = load_data(cfg.data)
     assert 256 < data.vocab_size <= 300
     assert "quick brown" in data.tokenizer.decode(np.asarray(data.train[:50]))
+    _, spec, _ = build_cost(cfg)  # the planner's cost model is the workers' model: same vocabulary (head)
+    assert spec.vocab_size == data.vocab_size
 
 
 def test_token_file(tmp_path):
@@ -53,6 +56,7 @@ def test_token_file(tmp_path):
     cfg = load_config(None, ["data.source=tokens", f"data.path={tmp_path}/toks.bin"])
     data = load_data(cfg.data)
     assert data.vocab_size == 500 and len(data.train) + len(data.val) == 10_000
+    assert build_cost(cfg)[1].vocab_size == 500
     mb = data.microbatch(0, 0, 0, 2, 16)
     assert mb.inputs.max() < 500
 
