@@ -10,6 +10,7 @@ from skippipe.plan import Plan
 from skippipe.runtime.inject import slow_links_at
 from skippipe.runtime.links import CONFIRM_STEPS, LinkWatch, step_links
 from skippipe.runtime.transport import LinkSample, link_estimates
+from skippipe.runtime.wire import NodeReport
 from skippipe.topology import Topology, split_link
 
 
@@ -39,13 +40,13 @@ def test_estimates_take_the_fastest_valid_sample():
 
 
 def test_both_directions_are_one_link():
-    reports = {"n0": {"links": {"n1": {"latency_s": 0.07, "bytes_per_s": 5e6}}},
-               "n1": {"links": {"n0": {"latency_s": 0.06, "bytes_per_s": 6e6}}}}
+    reports = {"n0": NodeReport(links={"n1": {"latency_s": 0.07, "bytes_per_s": 5e6}}),
+               "n1": NodeReport(links={"n0": {"latency_s": 0.06, "bytes_per_s": 6e6}})}
     assert step_links(reports) == {("n0", "n1"): (0.06, 6e6)}
 
 
 def _report(lat, bw):
-    return {"n1": {"links": {"n0": {"latency_s": lat, "bytes_per_s": bw}}}}
+    return {"n1": NodeReport(links={"n0": {"latency_s": lat, "bytes_per_s": bw}})}
 
 
 def test_watch_folds_small_changes_and_confirms_large_ones():
@@ -82,7 +83,7 @@ def test_tiny_changes_below_half_a_forward_never_replan():
     cost, watch = _cost(), LinkWatch(threshold=2.0, probe_after=3)
     plan = Plan("full", num_stages=2, stages_visited=2, allocation=[["n0"], ["n2"]], microbatches=[])
     for _ in range(4):
-        assert watch.observe(cost, {"n2": {"links": {"n0": {"latency_s": 1e-5, "bytes_per_s": 1e9}}}}, plan) == []
+        assert watch.observe(cost, {"n2": NodeReport(links={"n0": {"latency_s": 1e-5, "bytes_per_s": 1e9}})}, plan) == []
     assert cost.link("n0", "n2")[0] < 1e-3  # but folded in
 
 
