@@ -40,8 +40,10 @@ class FaultInjector:
         self.slowdown = float(fault.slow_nodes.get(me, 1.0))
         self.corrupt_step = fault.corrupt.step if fault.corrupt.node == me and fresh else None
 
-    def start_step(self, step: int) -> None:
-        """``fault.kill`` ends this process; ``fault.error`` raises; set this step's slowdown."""
+    def start_step(self, step: int, links=None, names=()) -> None:
+        """``fault.kill`` ends this process; ``fault.error`` raises; set this step's slowdown and,
+        with link emulation, the emulated links' slowdown (``links``: the transport's
+        :class:`~skippipe.runtime.transport.LinkModel`; ``names``: the run's nodes)."""
         fault = self.fault
         if self.fresh and fault.kill.node == self.me and fault.kill.step == step:
             os._exit(137)
@@ -49,6 +51,8 @@ class FaultInjector:
             raise RuntimeError(f"injected error on node {self.me} at step {step} (fault.error)")
         until = fault.slow_until
         self.slowdown = float(fault.slow_nodes.get(self.me, 1.0)) if until is None or step < until else 1.0
+        if links is not None:
+            links.factor = slow_links_at(fault, step, names)
 
     def corrupting(self, step: int, tensor: str) -> bool:
         """Does this node perturb ``tensor`` (act, grad, param, op) at ``step``?"""

@@ -34,7 +34,7 @@ from skippipe.plan import Plan
 from skippipe.runtime import node_state
 from skippipe.runtime.control import ControlChannel, connect_store
 from skippipe.runtime.groups import GenerationGroups
-from skippipe.runtime.inject import FaultInjector, slow_links_at
+from skippipe.runtime.inject import FaultInjector
 from skippipe.runtime.node_step import NodeStep, PendingUpdate, peak_rss_mb
 from skippipe.runtime.transport import Aborted, LinkModel, TransportError, Waiter
 from skippipe.runtime.wire import Command, NodeReport
@@ -189,10 +189,7 @@ class Worker:
                 self.state_report = {"step": pending.step, "digests": state_digests(self.stage, self.optimizer)}
 
     def step(self, plan: Plan, step: int, lr: float, loss_scale: float = 1.0) -> NodeReport:
-        self.faults.start_step(step)
-        transport = self.groups.transport
-        if transport.links is not None:
-            transport.links.factor = slow_links_at(self.cfg.fault, step, self._link_names)
+        self.faults.start_step(step, self.groups.transport.links, self._link_names)
         run = NodeStep(self, plan, step, loss_scale)
         report = run.run(lr)
         self.pending = run.pending
