@@ -1,5 +1,7 @@
-"""Fault tolerance and membership in the coordinator: redo a failed step in a new generation, route
-around slow nodes, admit replacements and nodes added to the running job, count what happened.
+"""Fault tolerance in the coordinator: redo a failed step in a new generation, route around slow
+nodes and slow links, start replacements, count what happened. Nodes entering the run (replacements
+and nodes added to the running job) are :mod:`skippipe.runtime.newcomers`' part; who is a member,
+:mod:`skippipe.runtime.membership`'s.
 
 SkipPipe's point (arXiv 2502.19913, DESIGN.md section 5): skipping is already legal, so a dead node is
 simply not routed to, a slow node is routed to less, and a stage that has lost every replica is
@@ -12,20 +14,20 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, Tuple
 
 from skippipe.errors import RunFailed
 from skippipe.plan import Plan
-from skippipe.runtime.executor import Admission, Executor
+from skippipe.runtime.executor import Executor
 from skippipe.runtime.links import LinkWatch
 from skippipe.runtime.membership import Membership
+from skippipe.runtime.newcomers import Newcomers
 from skippipe.runtime.remote import NodeFailure
 from skippipe.runtime.slow_nodes import SlowNodes
 
 log = logging.getLogger("skippipe")
 
 MAX_REDOS_PER_STEP = 5
-MAX_REPLACE_TRIES = 3  # further starts of a replacement whose worker died before it could join
 
 
 class FaultMonitor:
@@ -35,13 +37,9 @@ class FaultMonitor:
     def __init__(self, cfg, membership: Membership, topology_path=None):
         self.cfg = cfg
         self.membership = membership
-        self.topology_path = topology_path  # the run's topology.yaml, rewritten when a node joins
+        self.newcomers = Newcomers(cfg, membership, self._route_around, topology_path)
         self.reroutes = 0
-        self.events: List[Dict[str, Any]] = []
         self.last_recovery: Dict[str, float] = {}  # times of the last step's recovery, for metrics
-        self.last_join: Dict[str, float] = {}  # start-up times of the nodes the last step admitted
-        self.requests: Dict[str, int] = {}  # node asked to join -> its request id, until it joins
-        self._replace_tries: Dict[str, int] = {}  # node -> replacements started again after failing to join
         self.slow_nodes = SlowNodes(cfg.fault.slow_threshold, cfg.fault.probe_after)
         self.links = LinkWatch(cfg.fault.slow_threshold, cfg.fault.probe_after)
         self.replans = 0  # every re-plan after the first plan, whatever its reason (logged)
@@ -78,7 +76,7 @@ class FaultMonitor:
         (plan) runs on each attempt while the workers compute (``executor.step``); ``loss_scale``:
         the fp16 loss scale of the step (1 otherwise)."""
         self.last_recovery: Dict[str, float] = {}
-        self.last_join: Dict[str, float] = {}
+        self.newcomers.last_join = {}
         for attempt in range(MAX_REDOS_PER_STEP + 1):
             self.before_step(planner, executor, step)
             plan = planner.plan(step)
@@ -100,7 +98,6 @@ class FaultMonitor:
         raise AssertionError("unreachable")
 
     def _recover(self, planner, executor, step: int, failure: NodeFailure) -> None:
-        detected = time.time()
         for node, reason in sorted(failure.reasons.items()):
             log.warning("step %d: node %s failed (%s); re-planning without it", step, node, reason)
         executor.new_generation(failure.dead)
@@ -111,80 +108,14 @@ class FaultMonitor:
             for node in sorted(failure.dead):
                 executor.start_replacement(node)
                 log.warning("step %d: started a replacement for %s; it joins when ready", step, node)
-        self.events.append({"step": step, "generation": self.generation, "dead": sorted(failure.dead),
-                            "detected_at": detected, "recovered_at": time.time(), "reasons": failure.reasons})
 
     def before_step(self, planner, executor, step: int) -> None:
-        """Take requests for new nodes, then admit replacements and new nodes that are ready; they
+        """Take requests for new nodes, admit the ready ones (:class:`Newcomers`); those admitted
         re-enter (or enter) the plan in a new generation."""
-        for request in executor.join_requests():
-            self._add_node(planner, executor, step, request)
-        admission = executor.admit(planner.allocation, self.cfg.fault.rebuild)
-        self._retry_failed_joins(executor, step, admission)
-        if admission.joined:
-            self._joined(planner, executor, step, admission)
-
-    def _retry_failed_joins(self, executor: Executor, step: int, admission: Admission) -> None:
-        """A new node whose worker ended before joining is rejected; a replacement is started again."""
-        for node, reason in sorted(admission.failed.items()):
-            if node in self.requests:
-                executor.answer_join(self.requests.pop(node), "rejected", reason=reason)
-            elif self.cfg.fault.replace and self._replace_tries.get(node, 0) < MAX_REPLACE_TRIES:
-                # e.g. placed on a machine that was lost but not yet known to be (Ray marks a node
-                # dead only after missed health checks): try again, away from where it died
-                self._replace_tries[node] = self._replace_tries.get(node, 0) + 1
-                log.warning("step %d: the replacement for %s failed before joining (%s); starting another "
-                            "(try %d of %d)", step, node, reason, self._replace_tries[node] + 1, MAX_REPLACE_TRIES + 1)
-                executor.start_replacement(node, away_from_last=True)
-
-    def _joined(self, planner, executor: Executor, step: int, admission: Admission) -> None:
-        joined, startup = admission.joined, admission.startup
-        for node in joined:
-            self._replace_tries.pop(node, None)
-        self._route_around(planner)
-        self.replan(planner, step, f"{', '.join(joined)} joined", quiet=True)
-        self.reroutes += 1
-        took = "; ".join(f"{n}: started {startup[n]['admitted_s']:.1f} s ago" +
-                         (f", its process up in {startup[n]['process_s']:.1f} s" if startup[n].get("process_s") else "")
-                         for n in joined if n in startup)
-        log.warning("step %d: %s joined (generation %d%s)", step, ", ".join(joined), self.generation,
-                    f"; {took}" if took else "")
-        self.events.append({"step": step, "generation": self.generation, "joined": joined,
-                            "startup": {n: startup[n] for n in joined if n in startup}})
-        for node in joined:
-            if node in startup:
-                self.last_join[f"join/{node}/start_s"] = startup[node]["admitted_s"]
-                if startup[node].get("process_s") is not None:
-                    self.last_join[f"join/{node}/process_s"] = startup[node]["process_s"]
-            if node in self.requests:
-                executor.answer_join(self.requests.pop(node), "joined", step=step, generation=self.generation)
-
-    def _add_node(self, planner, executor, step: int, request: Dict[str, Any]) -> None:
-        """A node asked to join the running job (``skippipe join``): place it, start its worker."""
-        from skippipe.errors import UserError
-        from skippipe.topology import Node
-
-        spec = request["spec"]
-        try:
-            if spec["name"] in planner.topology:
-                raise UserError(f"a node named '{spec['name']}' is already in the run; give the new node another name")
-            placed = {"placed_on": {"node_id": spec["ray_node_id"], "node_ip": spec.get("node_ip") or ""}} \
-                if spec.get("ray_node_id") else {}  # ray.autojoin: the Ray node it came with
-            node = Node(spec["name"], spec["region"], spec["speed"], spec["memory_gb"], placed)
-            stage = planner.add_node(node, spec.get("stage"))
-        except UserError as err:
-            log.warning("step %d: rejected a request to add node %s: %s", step, spec.get("name"), err)
-            executor.answer_join(request["id"], "rejected", reason=str(err))
-            return
-        if self.topology_path is not None:
-            planner.topology.save(self.topology_path)
-        executor.add_node(node.name, spec)  # not routed to until its worker is ready and admitted
-        self._route_around(planner)
-        self.requests[node.name] = request["id"]
-        executor.answer_join(request["id"], "accepted", stage=stage, step=step)
-        log.warning("step %d: node %s (region %s) asked to join; it will hold stage %d", step, node.name,
-                    node.region, stage)
-        self.events.append({"step": step, "requested": node.name, "stage": stage})
+        joined = self.newcomers.before_step(planner, executor, step)
+        if joined:
+            self.replan(planner, step, f"{', '.join(joined)} joined", quiet=True)
+            self.reroutes += 1
 
     def after_step(self, planner, outcome, plan: Plan, step: int = 0, warm: bool = True) -> None:
         """Fold the step's measured links in and re-plan when one changed (:class:`LinkWatch`);
@@ -210,7 +141,7 @@ class FaultMonitor:
         relative, out_of_run = self.slow_nodes.relative, self.membership.unroutable()
         out = {f"node/{n}/slowdown": round(relative.get(n, 1.0), 3) for n in self.membership.nodes if n not in out_of_run}
         out.update(self.last_recovery)
-        out.update(self.last_join)
+        out.update(self.newcomers.last_join)
         out["route/replans"] = self.replans
         out.update(self.link_metrics)
         if self.probes:
