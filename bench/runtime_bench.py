@@ -22,6 +22,9 @@ B. Prediction: the emulated two-region topology of ``configs/topology/geo2.yaml`
    15% of ``time/predicted_iter_s`` for ``full`` and ``skippipe``.
 C. Skipping pays: ``skippipe`` at 25% skip >= 30% below ``full`` (measured).
 D. Peak RSS per worker (rank) for every system.
+E. Bytes on the wire (issue 17): the overhead shape trained in fp32 and in bf16 (``train.precision``),
+   the bytes per message and per iteration the workers sent (their step reports). Target: bf16
+   halves the bytes per transfer.
 
 Writes bench/results/runtime_bench.json (machine, load, configs, every round). A benchmark, not a
 test: it never fails on a number; the table says which targets hold.
@@ -381,8 +384,32 @@ def calibration_text(cal: dict) -> str:
             f" cost.loss_factor={cal['loss_factor']:.2f}")
 
 
+def wire_bytes(args, workdir: Path) -> dict:
+    """E: what the workers sent per message and per iteration, fp32 against bf16 (same shape)."""
+    steps = args.warmup + 2
+    out = {}
+    for precision in ("fp32", "bf16"):
+        run = run_skippipe(OVERHEAD_MODEL + OVERHEAD_SKIPPIPE + COMMON_SKIPPIPE + [f"train.precision={precision}"],
+                           steps, args.warmup, workdir, f"e_bytes_{precision}")
+        routes = [json.loads(line) for line in (Path(run["run_dir"]) / "routes.jsonl").read_text().splitlines()]
+        per_iter = [sum(t["sent_bytes"] for t in r["timings"].values()) for r in routes if r.get("timings")]
+        messages = [sum(t["sent_messages"] for t in r["timings"].values()) for r in routes if r.get("timings")]
+        out[precision] = {"bytes_per_message": statistics.median(b / m for b, m in zip(per_iter, messages)),
+                          "bytes_per_iter": statistics.median(per_iter), "messages_per_iter": statistics.median(messages)}
+    out["ratio_bf16_over_fp32"] = out["bf16"]["bytes_per_message"] / out["fp32"]["bytes_per_message"]
+    return out
+
+
 def print_table(report: dict) -> None:
-    a, b = report.get("overhead"), report.get("geo")
+    a, b, e = report.get("overhead"), report.get("geo"), report.get("bytes")
+    if e:
+        print("\nE. bytes on the wire (overhead shape; the workers' step reports)")
+        print(f"{'precision':<10} {'bytes/message':>14} {'messages/iter':>14} {'bytes/iter':>12}")
+        for precision in ("fp32", "bf16"):
+            row = e[precision]
+            print(f"{precision:<10} {row['bytes_per_message']:>14.0f} {row['messages_per_iter']:>14.0f} "
+                  f"{row['bytes_per_iter']:>12.0f}")
+        print(f"bf16 / fp32 bytes per message: {e['ratio_bf16_over_fp32']:.3f}")
     if a:
         print(f"\nA. overhead: 4 stages x 1 replica, {a['microbatches']} microbatches/iter, no link emulation; "
               f"median of {report['repeats']} round(s)\n   calibration: {calibration_text(a['calibration'])}")
@@ -423,7 +450,10 @@ def print_table(report: dict) -> None:
 
 def targets(report: dict) -> dict:
     out = {}
-    a, b = report.get("overhead"), report.get("geo")
+    a, b, e = report.get("overhead"), report.get("geo"), report.get("bytes")
+    if e:
+        r = e["ratio_bf16_over_fp32"]
+        out["bf16 bytes per transfer <= 0.50x fp32"] = (r <= 0.5, f"{r:.3f}x")
     if a:
         stage_ms = a["calibration"]["stage_fwd_bwd_ms"]
         out["stage fwd+bwd >= 20 ms"] = (stage_ms >= 20.0, f"{stage_ms:.1f} ms per microbatch")
@@ -455,7 +485,7 @@ def parse_args(argv=None):
     parser.add_argument("--grad-sync", action="store_true",
                         help="predict with the replicas' gradient all-reduce over the geo links (cost.grad_sync); "
                              "off by default because the runtime's link emulator does not delay collectives")
-    parser.add_argument("--only", choices=("overhead", "geo"), help="run one experiment")
+    parser.add_argument("--only", choices=("overhead", "geo", "bytes"), help="run one experiment")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     if args.quick:
@@ -497,6 +527,10 @@ def main(argv=None) -> int:
         report["calibration"] = calibrate(GEO_MODEL, 4)
         report["geo"] = geo(args, workdir, report["calibration"])
         report["geo_microbatches"] = microbatches(GEO_MODEL + GEO_SKIPPIPE)
+    if args.only in (None, "bytes"):
+        print("E. bytes on the wire", flush=True)
+        report["bytes"] = wire_bytes(args, workdir)
+        save(report, args.out)
     report["loadavg_end"] = os.getloadavg()
     report["wall_s"] = time.time() - started
     save(report, args.out)
