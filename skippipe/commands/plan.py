@@ -29,6 +29,19 @@ def _split(args):
     return config, overrides
 
 
+def plan_for_method(method: str, allocation, topology, cost, params):
+    """The plan ``skippipe plan`` makes for ``method``: skippipe is judged by its routed plan
+    (``schedule.coallocate``, starting from DT-FM's ``allocation``); the baselines keep DT-FM's
+    allocation, as in the paper."""
+    from skippipe.schedule import route
+    from skippipe.schedule.coallocate import allocate_by_plan
+
+    if params.allocator(method) == "plan":
+        _, plan, _ = allocate_by_plan(topology, cost, params, dtfm=allocation)
+        return plan
+    return route(allocation, topology, cost, params, method=method)
+
+
 def compare_methods(cfg) -> dict:
     """Allocate once, route and simulate every method.
 
@@ -37,9 +50,8 @@ def compare_methods(cfg) -> dict:
     time alone is in ``plan.extra['route_time_s']`` and the allocation time in
     ``plan.extra['allocation_time_s']``.
     """
-    from skippipe.schedule import SchedulerParams, allocate, build_cost, route
+    from skippipe.schedule import SchedulerParams, allocate, build_cost
     from skippipe.schedule.bound import config_bound
-    from skippipe.schedule.coallocate import allocate_by_plan
     from skippipe.simulate import simulate
 
     topology, _, cost = build_cost(cfg)
@@ -51,10 +63,7 @@ def compare_methods(cfg) -> dict:
     out = {}
     for method in METHODS:
         t1 = time.perf_counter()
-        if params.allocator(method) == "plan":  # skippipe: judged by its routed plan (schedule.coallocate)
-            _, plan, _ = allocate_by_plan(topology, cost, params, dtfm=allocation)
-        else:  # the baselines keep DT-FM's allocation, as in the paper
-            plan = route(allocation, topology, cost, params, method=method)
+        plan = plan_for_method(method, allocation, topology, cost, params)
         route_s = time.perf_counter() - t1
         plan.extra.update(route_time_s=route_s, allocation_time_s=alloc_s, lower_bound=bound.to_dict())
         timeline = simulate(plan, cost, cfg.schedule.memory)
