@@ -39,9 +39,10 @@ def test_path_stats_count_skips_and_visits_after_a_later_stage():
 def record(name, seed, val, ppl_half, setting="shallow"):
     ppl = math.exp(val)
     return {"setting": setting, "seed": seed, "name": name, "steps": 10, "val_loss": val, "ppl": ppl,
-            "ppl_keep_0.75": ppl, "ppl_keep_0.5": ppl * (1 + ppl_half), "stages_kept_0.75": 5, "stages_kept_0.5": 3,
+            "ppl_keep_0.75": ppl, "ppl_keep_0.5": ppl * (1 + ppl_half), "loss_keep_0.75": val, "stages_kept_0.75": 5, "stages_kept_0.5": 3,
             "curve": [(0, 5.0), (10, val)], "swaps_per_iter": 1, "coverage": [1.0, 0.5, 0.6],
-            "routes": {"paths_with_swap": 0.25, "input_shares": {"after_later_stage": 0.1}}, "train_s": 1.0}
+            "routes": {"paths_with_swap": 0.25, "input_shares": {"after_later_stage": 0.1}, "paths": [[1, 2]]},
+            "train_s": 1.0}
 
 
 def analysed(offsets, rises=(0.05, 0.05, 0.05), full_rise=0.2):
