@@ -116,6 +116,8 @@ def summarise_run(runs, name: str, geo: Dict[str, Any]) -> Dict[str, Any]:
         # the run with 75% of its stages (mean over random subsets) against full with all of them:
         # a model trained on paths through part of its stages, evaluated closer to how it trained
         row["keep_0.75_vs_full"] = paired(runs, name, "full", lambda a, b: a["loss_keep_0.75"] / b["val_loss"] - 1.0)
+        # ... and along its own paths (in their visit order): the function it trained
+        row["own_paths_vs_full"] = paired(runs, name, "full", lambda a, b: a["own_paths_loss"] / b["val_loss"] - 1.0)
         row["rise_keep_0.5_minus_half_full"] = paired(runs, name, "full",
                                                       lambda a, b: rise(a, 0.5) - 0.5 * rise(b, 0.5))
     return row
@@ -158,11 +160,17 @@ def swap_analysis(runs) -> Dict[str, Any]:
             if seed in runs.get("full", {}):
                 points.append({"run": name, "seed": seed, "after_later_stage": r["routes"]["input_shares"]["after_later_stage"],
                                "min_coverage": min(r["coverage"][1:]),
+                               "own_paths_vs_full": r["own_paths_loss"] / runs["full"][seed]["val_loss"] - 1.0,
                                "vs_full": r["val_loss"] / runs["full"][seed]["val_loss"] - 1.0})
     out: Dict[str, Any] = {"points": points,
                            "r_after_later_stage": pearson([p["after_later_stage"] for p in points],
                                                           [p["vs_full"] for p in points]),
-                           "r_min_coverage": pearson([p["min_coverage"] for p in points], [p["vs_full"] for p in points])}
+                           "r_min_coverage": pearson([p["min_coverage"] for p in points], [p["vs_full"] for p in points]),
+                           "r_own_paths": pearson([p["own_paths_vs_full"] for p in points], [p["vs_full"] for p in points]),
+                           "own_paths_vs_full_range": [min((p["own_paths_vs_full"] for p in points), default=None),
+                                                       max((p["own_paths_vs_full"] for p in points), default=None)],
+                           "vs_full_range": [min((p["vs_full"] for p in points), default=None),
+                                             max((p["vs_full"] for p in points), default=None)]}
     for name in ("skippipe_swap1_33", "skippipe_noswap_33"):
         if name in runs and "skippipe_33" in runs:
             out[f"skippipe_33_minus_{name}"] = paired(runs, "skippipe_33", name,
@@ -204,14 +212,15 @@ def num_sd(stat: Dict[str, Any], digits: int = 4) -> str:
 
 def run_table(rows: Dict[str, Dict[str, Any]]) -> str:
     lines = ["| run | seeds | val loss (mean ± sd) | vs full, paired: mean [95% CI] | per seed | "
-             "at equal geo20 time vs full | 75% of its stages vs full | geo20 s/iter | train s/run |",
-             "|---|---|---:|---:|---|---:|---:|---:|---:|"]
+             "at equal geo20 time vs full | 75% of its stages vs full | its own paths vs full | geo20 s/iter | "
+             "train s/run |", "|---|---|---:|---:|---|---:|---:|---:|---:|---:|"]
     for n, r in rows.items():
         vs = r.get("vs_full")
         per_seed = ", ".join(pct(v, 2) for v in vs["values"]) if vs else "—"
         lines.append(f"| {n} | {len(r['seeds'])} | {num_sd(r['val_loss'])} | {pct_ci(vs, 2) if vs else '—'} | "
                      f"{per_seed} | {pct_ci(r.get('equal_time_vs_full'), 2) if vs else '—'} | "
-                     f"{pct_ci(r.get('keep_0.75_vs_full'), 2) if vs else '—'} | {r['geo20_iter_s']:.1f} | {r['train_s']['mean']:.0f} |")
+                     f"{pct_ci(r.get('keep_0.75_vs_full'), 2) if vs else '—'} | "
+                     f"{pct_ci(r.get('own_paths_vs_full'), 2) if vs else '—'} | {r['geo20_iter_s']:.1f} | {r['train_s']['mean']:.0f} |")
     return "\n".join(lines)
 
 
@@ -226,8 +235,8 @@ def robust_table(rows: Dict[str, Dict[str, Any]], num_stages: int) -> str:
 
 def swap_table(rows: Dict[str, Dict[str, Any]], runs_cfg: Dict[str, Any]) -> str:
     lines = ["| run | max_swaps | swaps/iter | paths with a swap | visits right after a later stage | "
-             "least-visited stage's coverage | distinct plans over seeds | vs full [95% CI] |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "least-visited stage's coverage | distinct plans over seeds | vs full [95% CI] | "
+             "own paths vs full [95% CI] |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for n in VARIANTS_33:
         if n not in rows:
             continue
@@ -236,7 +245,8 @@ def swap_table(rows: Dict[str, Dict[str, Any]], runs_cfg: Dict[str, Any]) -> str
         swaps = next((e.split("=")[1] for e in extra if e.startswith("schedule.max_swaps=")), "2")
         lines.append(f"| {n} | {swaps} | {r['swaps_per_iter']['mean']:.1f} | {100 * r['paths_with_swap']['mean']:.0f}% | "
                      f"{100 * r['after_later_stage']['mean']:.1f}% | {r['min_coverage']['mean']:.2f} | "
-                     f"{r['distinct_plans']} of {len(r['seeds'])} | {pct_ci(r.get('vs_full'), 2)} |")
+                     f"{r['distinct_plans']} of {len(r['seeds'])} | {pct_ci(r.get('vs_full'), 2)} | "
+                     f"{pct_ci(r.get('own_paths_vs_full'), 2)} |")
     return "\n".join(lines)
 
 
@@ -280,9 +290,10 @@ def discuss_setting(setting: str, a: Dict[str, Any], result: Dict[str, Any]) -> 
         + ("lies below +3%." if tg["val_loss_within_3pct"]["sure"] else "reaches above +3%, so the margin is not settled.")
         + " By skip ratio: " + ", ".join(f"{n} {pct_ci(s, 2)}" for n, s in ratios) + ". "
         + f"The {len(spread)} variants at 33% have means from {pct(min(spread), 2)} to {pct(max(spread), 2)}. "
-        + "Evaluated with 75% of their stages (mean over random subsets, closer to the paths they trained on) "
-        + "against full with all of its stages: " + ", ".join(
-            f"{n} {pct_ci(rows[n]['keep_0.75_vs_full'], 2)}" for n, _ in ratios) + ".")
+        + "Evaluated along their own paths (the function each trained) against full with all of its stages: "
+        + ", ".join(f"{n} {pct_ci(rows[n]['own_paths_vs_full'], 2)}" for n, _ in ratios)
+        + "; with 75% of their stages in order (mean over random subsets): "
+        + ", ".join(f"{n} {pct_ci(rows[n]['keep_0.75_vs_full'], 2)}" for n, _ in ratios) + ".")
     eq = tg["lower_loss_at_equal_geo20_time"]
     out.append(
         f"- **{setting}, equal simulated time on geo20** (skippipe_33 {rows['skippipe_33']['geo20_iter_s']:.1f} s per "
@@ -315,6 +326,13 @@ def swap_sentence(setting: str, rows: Dict[str, Any], sw: Dict[str, Any]) -> str
         parts.append(f"Across the {len(sw['points'])} (variant, seed) runs at 33%, the correlation of the loss vs full "
                      f"with the share of stage visits right after a later stage is r = {r:+.2f}"
                      + (f", with the least-visited stage's coverage r = {rc:+.2f}" if rc is not None else "") + ".")
+    lo, hi = sw.get("vs_full_range", [None, None])
+    olo, ohi = sw.get("own_paths_vs_full_range", [None, None])
+    if lo is not None:
+        parts.append(f"Per run, the all-stage loss vs full spans {pct(lo, 2)} to {pct(hi, 2)}; the same models along "
+                     f"their own paths span {pct(olo, 2)} to {pct(ohi, 2)}"
+                     + (f" (correlation between the two r = {sw['r_own_paths']:+.2f})" if sw.get("r_own_paths") is not None
+                        else "") + ".")
     s33 = rows.get("skippipe_33")
     if s33:
         parts.append(f"skippipe_33's paths: {100 * s33['paths_with_swap']['mean']:.0f}% contain a swap, "

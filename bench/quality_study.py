@@ -266,7 +266,35 @@ def run_job(job: Job, base_dir: Path) -> Dict[str, Any]:
         record[f"stages_kept_{f}"] = row["stages_kept"]
         record[f"subsets_keep_{f}"] = row["subsets"]
     record["run_dir"] = str(run_dir.relative_to(ROOT)) if run_dir.is_relative_to(ROOT) else str(run_dir)
+    record["own_paths_loss"] = own_paths_loss(run_dir, record["routes"]["paths"])
     write_text_atomic(run_dir / "result.json", json.dumps(record, indent=1))
+    return record
+
+
+def own_paths_loss(run_dir: Path, paths: Sequence[Sequence[int]]) -> float:
+    """The trained model's validation loss along the plan's own paths, in their visit order (each
+    distinct path evaluated once, weighted by the microbatches that take it): the function the run
+    trained, where the validation loss runs every stage in order."""
+    from collections import Counter
+
+    from skippipe.commands.eval import load_run
+    from skippipe.runfiles import read_run_config
+    from skippipe.train.evaluate import evaluate
+
+    stages, batches = load_run(run_dir, read_run_config(run_dir))
+    counts = Counter(tuple(p) for p in paths)
+    device = stages[0].embed.weight.device
+    return sum(n * evaluate(stages, batches, list(p), device=device) for p, n in counts.items()) / sum(counts.values())
+
+
+def completed(job: Job, record: Dict[str, Any], base_dir: Path) -> Dict[str, Any]:
+    """A stored record with the fields added since it was trained (``own_paths_loss``)."""
+    if "own_paths_loss" not in record:
+        from skippipe.fileio import write_text_atomic
+
+        run_dir = base_dir / job.setting / f"s{job.seed}" / job.name
+        record["own_paths_loss"] = own_paths_loss(run_dir, record["routes"]["paths"])
+        write_text_atomic(run_dir / "result.json", json.dumps(record, indent=1))
     return record
 
 
@@ -292,7 +320,7 @@ def run_all(jobs: Sequence[Job], base_dir: Path, parallel: int, fresh: bool, sta
     for job in jobs:
         record = None if fresh else stored(job, base_dir)
         if record is not None:
-            results[job.label] = record
+            results[job.label] = completed(job, record, base_dir)
         else:
             pending.append(job)
     print(f"{len(jobs)} runs: {len(results)} reused, {len(pending)} to train, {parallel} at a time", flush=True)

@@ -40,7 +40,7 @@ def record(name, seed, val, ppl_half, setting="shallow"):
     ppl = math.exp(val)
     return {"setting": setting, "seed": seed, "name": name, "steps": 10, "val_loss": val, "ppl": ppl,
             "ppl_keep_0.75": ppl, "ppl_keep_0.5": ppl * (1 + ppl_half), "loss_keep_0.75": val, "stages_kept_0.75": 5, "stages_kept_0.5": 3,
-            "curve": [(0, 5.0), (10, val)], "swaps_per_iter": 1, "coverage": [1.0, 0.5, 0.6],
+            "curve": [(0, 5.0), (10, val)], "swaps_per_iter": 1, "own_paths_loss": val, "coverage": [1.0, 0.5, 0.6],
             "routes": {"paths_with_swap": 0.25, "input_shares": {"after_later_stage": 0.1}, "paths": [[1, 2]]},
             "train_s": 1.0}
 
@@ -93,6 +93,8 @@ def test_quick_study_pairs_seeds_and_reuses_stored_runs(tmp_path):
         (0, "full"), (0, "skippipe_33"), (1, "full"), (1, "skippipe_33")]
     row = result["analysis"]["deep"]["rows"]["skippipe_33"]
     assert row["vs_full"]["n"] == 2 and row["vs_full"]["ci95"] is not None
+    full0 = next(r for r in result["records"] if r["name"] == "full")
+    assert full0["own_paths_loss"] == pytest.approx(full0["val_loss"], rel=1e-6)  # full's path is every stage
     s33 = next(r for r in result["records"] if r["name"] == "skippipe_33")
     assert s33["routes"]["microbatches"] == 8 and all(len(p) == 3 for p in s33["routes"]["paths"])  # 2 of 6 skipped
     assert "| deep | 33% skip: val loss within 3% of full" in (out / "quality.md").read_text()
