@@ -151,6 +151,13 @@ def targets(rows: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
     }
 
 
+def unseen_adjacent(paths: Sequence[Sequence[int]], num_stages: int) -> int:
+    """How many of the in-order steps k-1 -> k (k = 1..S-1) that the all-stage validation takes no
+    training path takes: at those the evaluation feeds a stage an input it never trained on."""
+    seen = {(a, b) for p in paths for a, b in zip([0, *p], p)}
+    return sum((k - 1, k) not in seen for k in range(1, num_stages))
+
+
 def swap_analysis(runs) -> Dict[str, Any]:
     """Do reorders explain the spread at 33%? Per seed and variant: the share of stage visits whose
     input came from a later stage against the loss vs full; and the paired effect of max_swaps."""
@@ -161,11 +168,19 @@ def swap_analysis(runs) -> Dict[str, Any]:
                 points.append({"run": name, "seed": seed, "after_later_stage": r["routes"]["input_shares"]["after_later_stage"],
                                "min_coverage": min(r["coverage"][1:]),
                                "own_paths_vs_full": r["own_paths_loss"] / runs["full"][seed]["val_loss"] - 1.0,
+                               "all_stage_gap": r["val_loss"] / r["own_paths_loss"] - 1.0,
+                               "in_order": r["routes"]["input_shares"]["in_order"],
+                               "unseen_adjacent": unseen_adjacent(r["routes"]["paths"], len(r["coverage"])),
                                "vs_full": r["val_loss"] / runs["full"][seed]["val_loss"] - 1.0})
     out: Dict[str, Any] = {"points": points,
                            "r_after_later_stage": pearson([p["after_later_stage"] for p in points],
                                                           [p["vs_full"] for p in points]),
                            "r_min_coverage": pearson([p["min_coverage"] for p in points], [p["vs_full"] for p in points]),
+                           "r_gap_in_order": pearson([p["in_order"] for p in points], [p["all_stage_gap"] for p in points]),
+                           "r_gap_unseen_adjacent": pearson([p["unseen_adjacent"] for p in points],
+                                                            [p["all_stage_gap"] for p in points]),
+                           "r_gap_after_later_stage": pearson([p["after_later_stage"] for p in points],
+                                                              [p["all_stage_gap"] for p in points]),
                            "r_own_paths": pearson([p["own_paths_vs_full"] for p in points], [p["vs_full"] for p in points]),
                            "own_paths_vs_full_range": [min((p["own_paths_vs_full"] for p in points), default=None),
                                                        max((p["own_paths_vs_full"] for p in points), default=None)],
@@ -333,6 +348,15 @@ def swap_sentence(setting: str, rows: Dict[str, Any], sw: Dict[str, Any]) -> str
                      f"their own paths span {pct(olo, 2)} to {pct(ohi, 2)}"
                      + (f" (correlation between the two r = {sw['r_own_paths']:+.2f})" if sw.get("r_own_paths") is not None
                         else "") + ".")
+    gaps = [p["all_stage_gap"] for p in sw["points"]]
+    if gaps:
+        corr = [(label, sw.get(key)) for label, key in (
+            ("the share of stage visits that read their predecessor", "r_gap_in_order"),
+            ("the in-order steps k-1 -> k that no path trains", "r_gap_unseen_adjacent"),
+            ("the share of visits right after a later stage", "r_gap_after_later_stage"))]
+        parts.append(f"The all-stage loss is {pct(statistics.median(gaps), 2)} above the own-path loss (median; "
+                     f"{pct(min(gaps), 2)} to {pct(max(gaps), 2)}); that gap correlates with "
+                     + ", ".join(f"{label} r = {r:+.2f}" for label, r in corr if r is not None) + ".")
     s33 = rows.get("skippipe_33")
     if s33:
         parts.append(f"skippipe_33's paths: {100 * s33['paths_with_swap']['mean']:.0f}% contain a swap, "

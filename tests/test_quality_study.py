@@ -34,6 +34,9 @@ def test_path_stats_count_skips_and_visits_after_a_later_stage():
     assert stats["input_shares"] == pytest.approx({"in_order": 4 / 6, "after_skip": 1 / 6, "after_later_stage": 1 / 6})
     assert stats["paths_with_swap"] == 0.5 and stats["backward_steps_per_path"] == 0.5
     assert stats["visits"] == [0, 2, 2, 2]
+    # the all-stage validation steps 0->1, 1->2, 2->3: mb0 trains only 0->1, mb1 all three
+    assert qr.unseen_adjacent([p for p in stats["paths"][:1]], 4) == 2
+    assert qr.unseen_adjacent(stats["paths"], 4) == 0
 
 
 def record(name, seed, val, ppl_half, setting="shallow"):
@@ -41,7 +44,7 @@ def record(name, seed, val, ppl_half, setting="shallow"):
     return {"setting": setting, "seed": seed, "name": name, "steps": 10, "val_loss": val, "ppl": ppl,
             "ppl_keep_0.75": ppl, "ppl_keep_0.5": ppl * (1 + ppl_half), "loss_keep_0.75": val, "stages_kept_0.75": 5, "stages_kept_0.5": 3,
             "curve": [(0, 5.0), (10, val)], "swaps_per_iter": 1, "own_paths_loss": val, "coverage": [1.0, 0.5, 0.6],
-            "routes": {"paths_with_swap": 0.25, "input_shares": {"after_later_stage": 0.1}, "paths": [[1, 2]]},
+            "routes": {"paths_with_swap": 0.25, "input_shares": {"in_order": 0.6, "after_skip": 0.3, "after_later_stage": 0.1}, "paths": [[1, 2]]},
             "train_s": 1.0}
 
 
