@@ -354,9 +354,10 @@ def swap_sentence(setting: str, rows: Dict[str, Any], sw: Dict[str, Any]) -> str
             ("the share of stage visits that read their predecessor", "r_gap_in_order"),
             ("the in-order steps k-1 -> k that no path trains", "r_gap_unseen_adjacent"),
             ("the share of visits right after a later stage", "r_gap_after_later_stage"))]
+        known = [f"{label} r = {r:+.2f}" for label, r in corr if r is not None]
         parts.append(f"The all-stage loss is {pct(statistics.median(gaps), 2)} above the own-path loss (median; "
-                     f"{pct(min(gaps), 2)} to {pct(max(gaps), 2)}); that gap correlates with "
-                     + ", ".join(f"{label} r = {r:+.2f}" for label, r in corr if r is not None) + ".")
+                     f"{pct(min(gaps), 2)} to {pct(max(gaps), 2)})"
+                     + (f"; correlation of that gap with {', '.join(known)}." if known else "."))
     s33 = rows.get("skippipe_33")
     if s33:
         parts.append(f"skippipe_33's paths: {100 * s33['paths_with_swap']['mean']:.0f}% contain a swap, "
