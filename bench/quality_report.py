@@ -510,7 +510,10 @@ def write_report(result: Dict[str, Any], pngs: List[str], path: Path) -> None:
         "# Quality study: skipping and reordering over seeds, a deeper model, robustness (issues 9 and 19)", "",
         f"`{cfg['command']}` on {result['machine']['summary']} (commit {result['machine']['commit']}); total runtime "
         f"{result['total_runtime_s'] / 60:.1f} min" + (" (**--quick smoke run: numbers are meaningless**)"
-                                                       if cfg["quick"] else "") + ".", "",
+                                                       if cfg["quick"] else "")
+        + f"; the {len(result['records'])} runs' own times (training, curve and robustness evaluation) sum to "
+        f"{sum(r['train_s'] + r.get('robust_eval_s', 0.0) for r in result['records']) / 60:.0f} min, "
+        f"{cfg['parallel_runs']} at a time (a rerun reuses stored runs).", "",
         setup_text(result), "",
     ]
     if result.get("missing"):
