@@ -100,7 +100,11 @@ def test_recovered_slow_node_is_probed_and_used_again(tmp_path):
     routes = [json.loads(line) for line in (run / "routes.jsonl").read_text().splitlines()]
     visits = [sum(slow in mb["path"] for mb in r["plan"]["microbatches"]) for r in routes]
     first_idle = visits.index(0)  # routed around while slow
-    assert first_idle < 10 and visits[-1] > 0, visits  # ...and used again once it recovered
+    back = next((i for i in range(first_idle, len(visits)) if visits[i] > 0), None)
+    # ...probed within a doubled wait after it recovered at step 6, and mostly in use from then on (on
+    # this 2-core box a busy step can flag it again for a while; a CI run saw it idle at the last step)
+    assert first_idle < 10 and back is not None and back <= 6 + 2 * 3, visits
+    assert sum(v > 0 for v in visits[back:]) >= len(visits[back:]) / 2, visits
     assert metrics(run)[-2]["fault/probes"] >= 1
 
 
