@@ -129,6 +129,12 @@ class Job:
                 f"train.steps={self.steps}", f"train.warmup_steps={1 if self.quick else 10}",
                 f"train.eval_batches={2 if self.quick else 16}", f"run.name={self.name}", f"run.dir={run_dir}"]
 
+    def run_dir(self, base_dir: Path) -> Path:
+        return base_dir / self.setting / f"s{self.seed}" / self.name
+
+    def log(self, base_dir: Path) -> Path:
+        return self.run_dir(base_dir).with_suffix(".log")
+
     def key(self) -> Dict[str, Any]:
         """What the result depends on: a stored result with another key is retrained."""
         return {"job": self.label, "steps": self.steps, "quick": self.quick, "samples": self.samples,
@@ -253,7 +259,7 @@ def run_job(job: Job, base_dir: Path) -> Dict[str, Any]:
 
     torch.set_num_threads(1)
     logging_setup()
-    run_dir = base_dir / job.setting / f"s{job.seed}" / job.name
+    run_dir = job.run_dir(base_dir)
     record = {"key": job.key(), "setting": job.setting, "seed": job.seed, "name": job.name, "steps": job.steps,
               **train_job(job, run_dir)}
     t = time.perf_counter()
@@ -292,7 +298,7 @@ def completed(job: Job, record: Dict[str, Any], base_dir: Path) -> Dict[str, Any
     if "own_paths_loss" not in record:
         from skippipe.fileio import write_text_atomic
 
-        run_dir = base_dir / job.setting / f"s{job.seed}" / job.name
+        run_dir = job.run_dir(base_dir)
         record["own_paths_loss"] = own_paths_loss(run_dir, record["routes"]["paths"])
         write_text_atomic(run_dir / "result.json", json.dumps(record, indent=1))
     return record
@@ -304,7 +310,7 @@ def completed(job: Job, record: Dict[str, Any], base_dir: Path) -> Dict[str, Any
 
 def stored(job: Job, base_dir: Path) -> Optional[Dict[str, Any]]:
     """A finished result of exactly this job, or None."""
-    path = base_dir / job.setting / f"s{job.seed}" / job.name / "result.json"
+    path = job.run_dir(base_dir) / "result.json"
     try:
         record = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -328,7 +334,7 @@ def run_all(jobs: Sequence[Job], base_dir: Path, parallel: int, fresh: bool, sta
     while pending or running:
         while pending and len(running) < parallel:
             job = pending.pop(0)
-            log = base_dir / job.setting / f"s{job.seed}" / f"{job.name}.log"
+            log = job.log(base_dir)
             log.parent.mkdir(parents=True, exist_ok=True)
             cmd = [sys.executable, str(Path(__file__).resolve()), "--job", job.label, "--steps", str(job.steps),
                    "--samples", str(job.samples), "--runs-dir", str(base_dir)] + (["--quick"] if job.quick else [])
@@ -345,8 +351,7 @@ def run_all(jobs: Sequence[Job], base_dir: Path, parallel: int, fresh: bool, sta
             record = stored(job, base_dir)
             took = time.perf_counter() - t0
             if proc.returncode != 0 or record is None:
-                print(f"    FAILED {job.label} (exit {proc.returncode}); see "
-                      f"{base_dir / job.setting / f's{job.seed}' / f'{job.name}.log'}", flush=True)
+                print(f"    FAILED {job.label} (exit {proc.returncode}); see {job.log(base_dir)}", flush=True)
                 continue
             results[job.label] = record
             print(f"    {job.label}: val loss {record['val_loss']:.4f}, keep 0.5 ppl {record['ppl_keep_0.5']:.3f}; "
