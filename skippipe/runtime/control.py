@@ -224,6 +224,11 @@ class ControlChannel:
         if self.store.add(f"reported/{index}", 1) >= expected > 0:
             self.store.set(f"allin/{index}", "1")
 
+    def reported(self, index: int) -> int:
+        """How many members have reported on command ``index`` so far (one store round trip; the
+        counter is raw, so a forged count only makes the coordinator read the authenticated reports early)."""
+        return int(self.store.add(f"reported/{index}", 0))
+
     def read_report(self, index: int, node: str) -> Optional[NodeReport]:
         """``node``'s report on command ``index``, if one (authentic) is there."""
         value = self.read(f"report/{index}/{node}")
