@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import signal
 import statistics
@@ -43,6 +42,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.machine import machine_info  # noqa: E402
 from skippipe.cli import main  # noqa: E402
 from skippipe.config import load_config  # noqa: E402
 
@@ -137,13 +137,6 @@ def recoveries(run: Path, faults: List[Dict[str, Any]]) -> Dict[str, Any]:
             "val_loss": lines(run / "metrics.jsonl")[-1]["loss/val"]}
 
 
-def machine() -> Dict[str, Any]:
-    import torch
-
-    return {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
-            "torch": torch.__version__, "load_avg_1m": os.getloadavg()[0]}
-
-
 def bench(steps: int, every: int, seed: int, quick: bool, tmp: Path) -> Dict[str, Any]:
     base = [f"train.steps={steps}", f"run.seed={seed}"]
     slow = [f"fault.slow_nodes.{SLOW_NODE}=4.0", f"fault.slow_until={steps // 3}", "fault.replace=true"]
@@ -213,7 +206,7 @@ def main_bench(argv=None) -> Dict[str, Any]:
         result = bench(steps, every, args.seed, args.quick, Path(tmp))
     print(table(result))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": machine(), "config": {"file": "configs/tiny.yaml", "overrides": SMALL},
+    args.out.write_text(json.dumps({"machine": machine_info(), "config": {"file": "configs/tiny.yaml", "overrides": SMALL},
                                     "result": result}, indent=1) + "\n")
     print(f"wrote {args.out}")
     return result

@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -55,6 +54,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 from bench import quality_report  # noqa: E402
+from bench.machine import machine_info  # noqa: E402
 from skippipe.config import load_config  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -373,22 +373,6 @@ def order_jobs(settings: Sequence[str], seeds: Sequence[int], runs: Optional[Seq
 
 # ---------------------------------------------------------------------------------------------
 # main
-
-
-def machine_info() -> Dict[str, Any]:
-    import torch
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True, timeout=10).stdout.strip()
-    except Exception:
-        commit = ""
-    cpus = os.cpu_count()
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpus": cpus, "loadavg_start": load, "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-            "commit": commit,
-            "summary": f"{cpus} CPU cores (shared; load average {load[0]:.1f} at start)" if load else f"{cpus} CPUs"}
 
 
 def parse_list(text: str, valid: Sequence[str], flag: str) -> List[str]:

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -49,6 +48,8 @@ from typing import Dict, List, Optional
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from bench.machine import machine_info  # noqa: E402  (network_bench and precision_bench import it from here)
 
 RESULTS = ROOT / "bench" / "results" / "runtime_bench.json"
 
@@ -351,22 +352,6 @@ def microbatches(overrides: List[str]) -> int:
 
     cfg = load_config(None, [o for o in overrides if not o.startswith("launcher")])
     return cfg.schedule.microbatches_per_originator * (list(cfg.schedule.partition_sizes) or [1])[0]
-
-
-def machine_info() -> dict:
-    import torch
-
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    info = {"python": sys.version.split()[0], "platform": platform.platform(), "cpu": cpu, "cpus": os.cpu_count(),
-            "omp_threads": os.environ.get("OMP_NUM_THREADS"), "torch": torch.__version__}
-    try:
-        import deepspeed
-
-        info["deepspeed"] = deepspeed.__version__
-    except ImportError:
-        info["deepspeed"] = None
-    return info
 
 
 def fmt(value: Optional[float]) -> str:
