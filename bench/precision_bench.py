@@ -134,12 +134,11 @@ def memory(args, workdir: Path) -> dict:
 def stage_param_mb(overrides: List[str]) -> Dict[int, float]:
     """Stage -> MB of its parameters (fp32 master weights), counted on the built stages."""
     from skippipe.config import load_config, num_stages
-    from skippipe.data import vocab_size_of
-    from skippipe.model.presets import resolve_model_spec
     from skippipe.model.transformer import build_stages
+    from skippipe.schedule import build_cost
 
     cfg = load_config(None, list(overrides))
-    spec = resolve_model_spec(cfg.model, vocab_size=vocab_size_of(cfg.data))
+    _, spec, _ = build_cost(cfg)  # the model spec the workers build (its vocabulary rule)
     out = {}
     for stage_id in range(num_stages(cfg)):
         stage = build_stages(spec, num_stages(cfg), cfg.run.seed, only=[stage_id])[stage_id]
@@ -153,10 +152,12 @@ def tensor_memory_mb(run: Path, param_mb: Dict[int, float]) -> float:
     on a GPU (parameters, gradients, optimizer state, activations), without the process's own runtime
     (Python, torch, gloo). On CPU: the peak RSS above the RSS before the first step (which already
     held the stage's parameters) plus the parameters themselves. Per node, from routes.jsonl."""
+    from skippipe.plan import Plan
+
     best = 0.0
     for line in (run / "routes.jsonl").read_text().splitlines():
         entry = json.loads(line)
-        stage_of = {n: k for k, nodes in enumerate(entry["plan"]["allocation"]) for n in nodes}
+        stage_of = Plan.from_dict(entry["plan"]).stage_of()
         for node, t in (entry.get("timings") or {}).items():
             if t.get("base_rss_mb") is not None and node in stage_of:
                 best = max(best, t["peak_rss_mb"] - t["base_rss_mb"] + param_mb[stage_of[node]])
