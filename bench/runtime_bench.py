@@ -238,7 +238,7 @@ def rounds(systems: Dict[str, callable], repeats: int) -> Dict[str, List[dict]]:
 
 
 def overhead(args, workdir: Path) -> dict:
-    shared = OVERHEAD_MODEL + [f"train.steps={args.warmup + args.iters}"]
+    shared = OVERHEAD_MODEL + [f"train.steps={args.warmup + args.iters}", f"runtime.host_memory={args.host_memory}"]
     systems = {
         "skippipe full": lambda r: run_skippipe(shared + OVERHEAD_SKIPPIPE + COMMON_SKIPPIPE,
                                                 args.warmup + args.iters, args.warmup, workdir, f"a_skippipe_{r}"),
@@ -471,6 +471,9 @@ def parse_args(argv=None):
                         help="predict with the replicas' gradient all-reduce over the geo links (cost.grad_sync); "
                              "off by default because the runtime's link emulator does not delay collectives")
     parser.add_argument("--only", choices=("overhead", "geo", "bytes"), help="run one experiment")
+    parser.add_argument("--host-memory", choices=("retain", "system"), default="retain",
+                        help="runtime.host_memory for every system of the overhead comparison (the baselines "
+                             "apply the same allocator policy, so the comparison is of the runtimes)")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     if args.quick:

@@ -28,6 +28,7 @@ WANDB_MODES = ("auto", "online", "offline", "disabled")
 DATA_SOURCES = ("stdlib", "files", "tokens", "hf")
 TOKENIZERS = ("bytes", "bpe", "hf")
 PRECISIONS = ("fp32", "bf16", "fp16")
+HOST_MEMORY = ("retain", "system")  # runtime.host_memory (skippipe.process.set_host_memory)
 
 
 @dataclass
@@ -200,6 +201,7 @@ class RuntimeConfig:
     timeout_s: float = 60.0  # every blocking receive and collective
     master_addr: str = "127.0.0.1"
     master_port: Optional[int] = None  # None: a free port
+    host_memory: str = "retain"  # retain: freed host memory stays in each process (glibc malloc thresholds raised, no page faults per step); system: the C library defaults
 
 
 @dataclass
@@ -445,6 +447,7 @@ def _check_choices(cfg: Config) -> None:
     _choice(cfg.data.source, DATA_SOURCES, "data.source")
     _choice(cfg.data.tokenizer, TOKENIZERS, "data.tokenizer")
     _choice(cfg.train.precision, PRECISIONS, "train.precision")
+    _choice(cfg.runtime.host_memory, HOST_MEMORY, "runtime.host_memory")
     from skippipe.model.presets import checkpoint_interval
 
     checkpoint_interval(cfg.train.activation_checkpointing)

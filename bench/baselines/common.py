@@ -172,6 +172,14 @@ def pin_one_thread() -> None:
     torch.set_num_threads(1)
 
 
+def set_host_memory(cfg) -> bool:
+    """The host allocator policy SkipPipe's workers use (``runtime.host_memory``, default retain), so
+    a comparison measures the pipeline runtimes, not two allocator settings."""
+    from skippipe.process import set_host_memory as apply
+
+    return apply(cfg.runtime.host_memory)
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident set size (Linux ru_maxrss is in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

@@ -52,6 +52,7 @@ def run_rank(rank: int, world_size: int, port: int, args) -> None:
 
     deepspeed.utils.logging.logger.setLevel(logging.WARNING)
     cfg, spec, data = common.load_setup(args.overrides)
+    host_memory = common.set_host_memory(cfg)
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     seed = cfg.run.seed
     layers = [LayerSpec(common.FirstPiece, spec, world_size, seed),
@@ -79,7 +80,7 @@ def run_rank(rank: int, world_size: int, port: int, args) -> None:
     dist.all_gather_object(gathered, result)
     if rank == 0:
         common.write_json(args.out, {
-            "system": "deepspeed pipeline 1f1b", "deepspeed": deepspeed.__version__, "ranks": world_size,
+            "system": "deepspeed pipeline 1f1b", "deepspeed": deepspeed.__version__, "ranks": world_size, "host_memory_retained": host_memory,
             "microbatches": common.num_microbatches(cfg), "samples_per_microbatch": cfg.train.samples_per_microbatch,
             "warmup": args.warmup, **common.summarize(result["iter_s"], args.warmup), "iter_s": result["iter_s"],
             "cpu_s": common.cpu_per_iteration([r["cpu_s"] for r in gathered], args.warmup),

@@ -35,6 +35,7 @@ def run_rank(rank: int, world_size: int, port: int, args) -> None:
     from skippipe.train.optim import lr_at, make_optimizer
 
     cfg, spec, data = common.load_setup(args.overrides)
+    host_memory = common.set_host_memory(cfg)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     piece = common.build_piece(spec, world_size, cfg.run.seed, rank)
     optimizer = make_optimizer(piece, cfg.train)
@@ -66,7 +67,7 @@ def run_rank(rank: int, world_size: int, port: int, args) -> None:
     if rank == 0:
         last = gathered[-1]
         common.write_json(args.out, {
-            "system": f"torch.distributed.pipelining {args.schedule}", "ranks": world_size,
+            "system": f"torch.distributed.pipelining {args.schedule}", "ranks": world_size, "host_memory_retained": host_memory,
             "microbatches": common.num_microbatches(cfg), "samples_per_microbatch": cfg.train.samples_per_microbatch,
             "warmup": args.warmup, **common.summarize(result["iter_s"], args.warmup), "iter_s": result["iter_s"],
             "cpu_s": common.cpu_per_iteration([r["cpu_s"] for r in gathered], args.warmup),

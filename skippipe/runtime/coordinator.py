@@ -394,9 +394,10 @@ class Coordinator:
 
 
 def train_inprocess(cfg: Config) -> Dict[str, Any]:
-    from skippipe.process import pin_threads, resolve_device
+    from skippipe.process import pin_threads, resolve_device, set_host_memory
 
     pin_threads(cfg.run.threads)
+    set_host_memory(cfg.runtime.host_memory)
     device = resolve_device(cfg.train.device)
     return Coordinator(cfg, lambda spec, num_stages: InProcessExecutor(cfg, spec, num_stages, device)).run()
 

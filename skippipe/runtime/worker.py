@@ -292,8 +292,11 @@ def _process_age_s() -> Optional[float]:
 
 def serve(env: WorkerEnv, control: ControlChannel, namespace: str = "") -> None:
     """The worker loop: wait for each command, run it, report; stop when told."""
+    from skippipe.process import set_host_memory
+
     worker = Worker(env, control)
     torch.set_num_threads(worker.cfg.run.threads)
+    set_host_memory(worker.cfg.runtime.host_memory)
     stop = threading.Event()
     threading.Thread(target=_heartbeat, args=(env.master_addr, env.master_port, namespace, worker.me,
                                               worker.cfg.fault.heartbeat_s, stop), daemon=True).start()
