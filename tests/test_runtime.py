@@ -263,6 +263,69 @@ def test_deferred_header_checks_fail_the_step_once_naming_the_sender(tmp_path):
     assert "got step 5 microbatch 1" in data["error"]["message"] and "node a is excluded" in data["error"]["message"]
 
 
+def _prepost_pair(rank, port, result_path):
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from skippipe.runtime.transport import ACT, PREPOST_WINDOW, Transport
+
+    store = dist.TCPStore("127.0.0.1", port, world_size=2, is_master=rank == 0)
+    pg = dist.ProcessGroupGloo(store, rank, 2, timedelta(seconds=20))
+    transport = Transport(pg, {"a": 0, "b": 1}, "ab"[rank], torch.device("cpu"), 20.0)
+    if rank == 0:
+        store.wait(["posted"])
+        for mb in range(4):
+            transport.send(torch.full((2, 3), float(mb)), "b", step=0, microbatch_id=mb, kind=ACT)
+        store.wait(["abandoned"])  # the receiver gave up on step 1's receives (never sent)
+        transport.send(torch.full((2, 3), 5.0), "b", step=2, microbatch_id=5, kind=ACT)
+        transport.flush()
+        store.wait(["done"])
+        return
+    expected = [("a", 0, mb, ACT, (2, 3), torch.float32) for mb in range(4)]
+    transport.expect(expected)
+    posted_at_start = len(transport._posted)
+    store.set("posted", "1")
+    values, posted_after = [], []
+    for mb in range(4):
+        values.append(float(transport.recv("a", 0, mb, ACT, (2, 3), torch.float32)[0, 0]))
+        posted_after.append(len(transport._posted))
+    transport.expect([("a", 1, mb, ACT, (2, 3), torch.float32) for mb in range(2)])
+    try:
+        transport.recv("a", 1, 1, ACT, (2, 3), torch.float32)  # the plan's order says microbatch 0 first
+        order_error = None
+    except RuntimeError as err:
+        order_error = str(err)
+    transport.abandon()  # what a failed step does: the helper thread must not stay behind step 1's receives
+    store.set("abandoned", "1")
+    last = float(transport.recv("a", 2, 5, ACT, (2, 3), torch.float32)[0, 0])
+    store.set("done", "1")
+    Path(result_path).write_text(json.dumps({
+        "values": values, "last": last, "window": PREPOST_WINDOW, "posted_at_start": posted_at_start,
+        "posted_after": posted_after, "order_error": order_error, "samples": len(transport.link_samples)}))
+
+
+def test_receives_posted_ahead_arrive_in_plan_order_and_a_failed_step_lets_go_of_them(tmp_path):
+    """Transport.expect posts a window of the step's receives ahead (gloo); recv takes them in the
+    plan's order, refuses another order, and abandon() frees the helper thread of what is left."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    result = tmp_path / "prepost.json"
+    mp.start_processes(_prepost_pair, args=(port, str(result)), nprocs=2, start_method="spawn")
+    data = json.loads(result.read_text())
+    assert data["values"] == [0.0, 1.0, 2.0, 3.0] and data["last"] == 5.0
+    window = data["window"]
+    assert data["posted_at_start"] == window
+    assert data["posted_after"] == [min(window, 4 - k) for k in range(1, 5)]  # the window refills as each is taken
+    assert "out of the expected order" in data["order_error"]
+    assert data["samples"] == 5  # every message's link times were recorded
+
+
 def test_transport_checks_each_header_on_cpu_and_defers_on_cuda():
     from skippipe.runtime.transport import LinkModel, Transport
 

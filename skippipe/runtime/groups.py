@@ -72,5 +72,7 @@ class GenerationGroups:
         released either: the last reference going would run the group's destructor, which joins its
         threads, so the next generation would wait for that timeout (measured: 30 s per failure)."""
         self._retired.extend(g for g in (self.world_pg, self.stage_group) if g is not None)
+        if self.transport is not None:
+            self.transport.abandon()
         self.world_pg = self.stage_group = self.transport = None
         self.generation = -1

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -70,6 +70,7 @@ class NodeStep:
         w, transport = self.w, self.transport
         start = time.perf_counter()
         transport.start_step()
+        transport.expect(self._receives())
         sent = transport.bytes_sent, transport.messages_sent
         hook = w.faults.op_hook(w.stage, self.step)
         try:
@@ -107,14 +108,27 @@ class NodeStep:
         self.times.compute_n[phase] += 1
         return result
 
-    def _run_actions(self) -> Dict[int, float]:
-        w, plan = self.w, self.plan
-        routes = {mb.id: mb for mb in plan.microbatches}
-        losses: Dict[int, float] = {}
-        for mb_id, phase in plan.node_order.get(w.me, []):
+    def _actions(self):
+        """This node's actions of the step in plan order: ``(microbatch, phase, path, index, after)``
+        (``path``: the originator, then the route's nodes; ``after``: whom this node sends on to)."""
+        routes = {mb.id: mb for mb in self.plan.microbatches}
+        for mb_id, phase in self.plan.node_order.get(self.w.me, []):
             nodes = [routes[mb_id].originator, *routes[mb_id].path]
-            i = nodes.index(w.me)
-            after = nodes[i + 1] if i + 1 < len(nodes) else nodes[0]
+            i = nodes.index(self.w.me)
+            yield mb_id, phase, nodes, i, nodes[i + 1] if i + 1 < len(nodes) else nodes[0]
+
+    def _receives(self) -> List[tuple]:
+        """This node's receives of the step in the order :meth:`_run_actions` makes them."""
+        out = []
+        for mb_id, phase, nodes, i, after in self._actions():
+            src, kind = {"F": (nodes[i - 1], ACT), "L": (nodes[-1], ACT), "B": (after, GRAD)}[phase]
+            if phase != "F" or i > 0:
+                out.append((src, self.step, mb_id, kind, self.act_shape, self.dtype))
+        return out
+
+    def _run_actions(self) -> Dict[int, float]:
+        losses: Dict[int, float] = {}
+        for mb_id, phase, nodes, i, after in self._actions():
             if phase == "F":
                 self._forward(mb_id, nodes, i, after)
             elif phase == "L":

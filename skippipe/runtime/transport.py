@@ -43,9 +43,10 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Deque, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -55,6 +56,9 @@ ACT, GRAD = 0, 1
 KIND_NAMES = {ACT: "activation", GRAD: "gradient"}
 _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 HEADER_LEN = 12  # magic, step, microbatch, kind, dtype, ndim, d0..d4, send_time
+# receives posted ahead of use (gloo): enough that the next message lands while this one is computed
+# on, few enough that the buffers add little to a node's activation memory
+PREPOST_WINDOW = 2
 
 
 class TransportError(RuntimeError):
@@ -69,15 +73,31 @@ class Aborted(RuntimeError):
     """The coordinator abandoned the step (a node failed elsewhere); stop waiting."""
 
 
+@dataclass
+class Ticket:
+    """Works handed to the :class:`Waiter` in one go: when the helper thread began waiting for them
+    (after every earlier ticket), when each completed, the error that stopped the rest."""
+
+    works: list
+    began: float = 0.0
+    finished: List[float] = field(default_factory=list)
+    error: Optional[BaseException] = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+
 class Waiter:
     """Runs blocking ``work.wait()`` calls on a helper thread, so the caller can give up.
 
-    Gloo's point-to-point works cannot be polled (``is_completed`` stays false until ``wait``) and
-    ``ProcessGroup.abort`` does not release a blocked receive (both measured with torch 2.13). A peer
-    that is alive but stopped (it failed elsewhere, or hangs) would hold the worker until the group
-    timeout. Here the caller waits on an event, checking every 0.2 s whether the coordinator abandoned
-    the step; if so the blocked thread is left to time out on the discarded group and a fresh thread
-    serves the next generation.
+    Gloo's point-to-point works cannot be polled (``is_completed`` stays false until ``wait``, and
+    ``get_future`` is not implemented) and ``ProcessGroup.abort`` does not release a blocked receive
+    (all measured with torch 2.13). A peer that is alive but stopped (it failed elsewhere, or hangs)
+    would hold the worker until the group timeout. Here the caller waits on an event, checking every
+    0.2 s whether the coordinator abandoned the step; if so the blocked thread is left to time out on
+    the discarded group and a fresh thread serves the next generation.
+
+    Tickets are served in the order they are submitted, so a receive can be submitted before the
+    caller needs it (:meth:`Transport.expect`): when the caller gets there it usually finds the
+    ticket done and does not block at all.
     """
 
     def __init__(self):
@@ -87,17 +107,41 @@ class Waiter:
         self._jobs: "queue.SimpleQueue" = queue.SimpleQueue()
         threading.Thread(target=self._serve, args=(self._jobs,), daemon=True, name="skippipe-wait").start()
 
+    def restart(self) -> None:
+        """Abandon the tickets not yet served (a failed step's receives): a fresh thread serves the next."""
+        self._start()
+
     @staticmethod
     def _serve(jobs) -> None:
         while True:
-            works, finished, errors, done = jobs.get()
+            ticket = jobs.get()
+            ticket.began = time.time()
             try:
-                for work in works:
+                for work in ticket.works:
                     work.wait()
-                    finished.append(time.time())
+                    ticket.finished.append(time.time())
             except BaseException as err:  # handed to the caller
-                errors.append(err)
-            done.set()
+                ticket.error = err
+            ticket.done.set()
+
+    def submit(self, works: list) -> Ticket:
+        ticket = Ticket(works)
+        self._jobs.put(ticket)
+        return ticket
+
+    def join(self, ticket: Ticket, timeout_s: float, should_abort: Optional[Callable[[], bool]] = None,
+             what: str = "operation") -> None:
+        """Wait until ``ticket`` is served; abandoning the step or the timeout raise."""
+        if ticket.done.is_set():
+            return
+        deadline = time.monotonic() + timeout_s
+        while not ticket.done.wait(0.2):
+            if should_abort is not None and should_abort():
+                self._start()
+                raise Aborted(f"step abandoned by the coordinator while waiting for {what}")
+            if time.monotonic() > deadline:
+                self._start()
+                raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
     def wait(self, work, timeout_s: float, should_abort: Optional[Callable[[], bool]] = None,
              what: str = "operation") -> None:
@@ -107,22 +151,12 @@ class Waiter:
 
     def wait_all(self, works: list, timeout_s: float, should_abort: Optional[Callable[[], bool]] = None,
                  what: str = "operation") -> Tuple[List[float], Optional[BaseException]]:
-        """Wait for ``works`` in order with one hand-off to the helper thread (a message's header
-        and payload, a step's sends). Returns the wall-clock time each one completed and the error
-        that stopped the rest (None: all done); abandoning the step or the timeout raise."""
-        finished: List[float] = []
-        errors: list = []
-        done = threading.Event()
-        self._jobs.put((works, finished, errors, done))
-        deadline = time.monotonic() + timeout_s
-        while not done.wait(0.2):
-            if should_abort is not None and should_abort():
-                self._start()
-                raise Aborted(f"step abandoned by the coordinator while waiting for {what}")
-            if time.monotonic() > deadline:
-                self._start()
-                raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        return finished, errors[0] if errors else None
+        """Wait for ``works`` in order with one hand-off to the helper thread (a step's sends).
+        Returns the wall-clock time each one completed and the error that stopped the rest (None:
+        all done); abandoning the step or the timeout raise."""
+        ticket = self.submit(works)
+        self.join(ticket, timeout_s, should_abort, what)
+        return ticket.finished, ticket.error
 
 
 @dataclass
@@ -185,6 +219,11 @@ class Transport:
             raise ValueError("transport: link emulation reads every header as it arrives (check_each=True)")
         self._unchecked: List[tuple] = []  # received, header not yet read (check_each=False)
         self._pending: List[Tuple[dist.Work, torch.Tensor]] = []
+        # receives may be posted ahead on gloo only: NCCL runs a rank's p2p in order on one stream,
+        # so a receive posted early would hold up this rank's sends that its peer waits for
+        self.prepost = isinstance(pg, dist.ProcessGroupGloo)
+        self._expected: Deque[tuple] = deque()  # this step's receives not yet posted, in plan order
+        self._posted: Deque[tuple] = deque()  # posted ahead, not yet taken by recv
         self._link_free_at: Dict[str, float] = {}
         self.bytes_sent = 0  # payload bytes and messages sent (headers not counted)
         self.messages_sent = 0
@@ -197,6 +236,37 @@ class Transport:
         self.recv_wait_s = self.emulated_delay_s = 0.0
         self.link_samples = []
         self._unchecked = []
+        self.abandon()
+
+    def expect(self, receives: List[Tuple[str, int, int, int, Tuple[int, ...], torch.dtype]]) -> None:
+        """The step's receives ``(src, step, microbatch, kind, shape, dtype)`` in the order :meth:`recv`
+        will ask for them: on gloo the first :data:`PREPOST_WINDOW` are posted now and each ``recv``
+        posts the next, so a message usually arrives while the node computes and the helper thread has
+        already seen it complete (no hand-off, no blocking). Elsewhere it does nothing."""
+        if self.prepost:
+            self._expected = deque(receives)
+            self._post_ahead()
+
+    def abandon(self) -> None:
+        """Drop receives posted ahead that no ``recv`` took (a failed step): their tickets would hold
+        the helper thread on a dead group, so a fresh thread serves what comes next."""
+        self._expected.clear()
+        if self._posted:
+            self._posted.clear()
+            self.waiter.restart()
+
+    def _post_ahead(self) -> None:
+        while self._expected and len(self._posted) < PREPOST_WINDOW:
+            self._posted.append(self._post(*self._expected.popleft()))
+
+    def _post(self, src: str, step: int, microbatch_id: int, kind: int, shape: Tuple[int, ...],
+              dtype: torch.dtype) -> tuple:
+        """Post the receives of one message (header and payload; the plan gives the payload's shape)."""
+        tag, peer = message_tag(microbatch_id, kind), self.rank_of[src]
+        header = torch.empty(HEADER_LEN, dtype=torch.float64, device=self.device)
+        payload = torch.empty(shape, dtype=dtype, device=self.device)
+        ticket = self.waiter.submit([self.pg.recv([header], peer, tag), self.pg.recv([payload], peer, tag)])
+        return (src, step, microbatch_id, kind, tuple(shape), dtype), ticket, header, payload
 
     # -- send -------------------------------------------------------------------------------
     def send(self, tensor: torch.Tensor, dst: str, step: int, microbatch_id: int, kind: int) -> None:
@@ -227,26 +297,34 @@ class Transport:
              dtype: torch.dtype) -> torch.Tensor:
         """Receive the message the plan expects from ``src``; check its header; emulate the link.
 
-        Both parts are posted at once (the plan gives the payload's shape) and waited for with one
-        hand-off; the header is checked before any error of the payload is reported, so a peer that
-        sends the wrong shape is named as the sender of a bad message."""
-        tag = message_tag(microbatch_id, kind)
-        peer = self.rank_of[src]
-        start, posted = time.perf_counter(), time.time()
-        header = torch.empty(HEADER_LEN, dtype=torch.float64, device=self.device)
-        payload = torch.empty(shape, dtype=dtype, device=self.device)
+        Both parts are posted at once (the plan gives the payload's shape), ahead of time when
+        :meth:`expect` listed them, and waited for with one hand-off; the header is checked before
+        any error of the payload is reported, so a peer that sends the wrong shape is named as the
+        sender of a bad message."""
+        start = time.perf_counter()
+        key = (src, step, microbatch_id, kind, tuple(shape), dtype)
+        if self._posted:
+            posted = self._posted.popleft()
+            if posted[0] != key:
+                raise RuntimeError(f"transport: receive {key[:4]} asked for out of the expected order {posted[0][:4]}")
+        else:
+            posted = self._post(*key)
+        _, ticket, header, payload = posted
+        self._post_ahead()
         what = f"{KIND_NAMES[kind]} of microbatch {microbatch_id} (step {step}) from node {src}"
         try:
-            arrived, error = self.waiter.wait_all([self.pg.recv([header], peer, tag), self.pg.recv([payload], peer, tag)],
-                                                  self.timeout.total_seconds(), self.should_abort, f"the {what}")
+            self.waiter.join(ticket, self.timeout.total_seconds(), self.should_abort, f"the {what}")
         except Aborted:
             raise
         except (RuntimeError, TimeoutError) as err:
             raise TransportError(f"receiving the {what} failed: {str(err).splitlines()[0]}", peer=src) from None
+        arrived, error = ticket.finished, ticket.error
         if not arrived:
             raise TransportError(f"receiving the {what} failed: {str(error).splitlines()[0]}", peer=src)
-        self._unchecked.append((header, step, microbatch_id, kind, tuple(shape), dtype, what, src, posted, arrived,
-                                payload.numel() * payload.element_size()))
+        # the helper thread began waiting for this message at ``began``: a message sent after that
+        # was waited for, so its arrival time is the link's, not this node being busy
+        self._unchecked.append((header, step, microbatch_id, kind, tuple(shape), dtype, what, src, ticket.began,
+                                arrived, payload.numel() * payload.element_size()))
         if self.check_each or error is not None:
             self.check_received()  # a bad header is reported before an error of the payload
         if error is not None:
