@@ -8,15 +8,20 @@ A. Quality: ``configs/tiny.yaml`` (in-process, the same routes and data) trained
    (median and worst over seeds reported).
 B. Wire: ``configs/tiny.yaml`` with ``launcher=local`` (6 worker processes), fp32 vs bf16: payload
    bytes per message as the workers' transports count them (``net/bytes_per_message``). Target: halved.
-C. Memory and recompute: the ``small`` preset, 4 stages x 1 replica, ``launcher=local``, 8 microbatches
+C. Memory: the ``small`` preset, 4 stages x 1 replica, ``launcher=local``, 8 microbatches
    per iteration, ``schedule.memory=4``, with ``train.activation_checkpointing`` none, every_2 and full.
    Peak RSS per worker (the largest worker); the same above each worker's RSS before its first step
    (what training adds); and that plus the stage's parameters, the tensor memory that
    ``torch.cuda.max_memory_allocated`` counts on a GPU (parameters, gradients, optimizer state,
-   activations; not the process's Python, torch and gloo runtime). Recompute: the
-   measured backward CPU time per microbatch minus that of ``none``, against the cost model's
-   ``recomputed_fraction x forward`` with the forward measured in the same run. Targets: peak memory
-   (RSS, or tensor memory as the issue allows) reduced >= 40% with ``full``; recompute predicted within 15%.
+   activations; not the process's Python, torch and gloo runtime).
+D. Recompute (one process, malloc as the workers run it: ``--host-memory``, default retain): per
+   repeat, the backward CPU time per microbatch minus that of ``none`` run just before it; the median
+   over repeats against the cost model's ``recomputed_fraction x forward``. torch's non-reentrant
+   checkpoint stops recomputing once a block's saved tensors are back (the down projection and the
+   residual add are not rerun): measured 0.89x the forward on ``small``, 1.01x on ``tiny``
+   (1.06x / 1.12x with ``set_checkpoint_early_stop(False)``), so the whole forward is the model's charge.
+Targets: peak memory (RSS, or tensor memory as the issue allows) reduced >= 40% with ``full``;
+recompute predicted within 15%.
 
 Writes bench/results/precision_bench.json (machine, config, every run). A benchmark, not a test: it
 never fails on a number; the table says which targets hold.
@@ -166,18 +171,21 @@ def tensor_memory_mb(run: Path, param_mb: Dict[int, float]) -> float:
 
 def recompute(args, workdir: Path) -> dict:
     """Side by side in one process, one thread: each stage's forward and backward thread-CPU time per
-    microbatch with every checkpointing mode, interleaved repeats, medians. Measured recompute is
-    B(mode) - B(none); the cost model predicts ``recomputed_fraction x F(none)``."""
+    microbatch with every checkpointing mode, interleaved repeats, medians. Measured recompute is the
+    median over repeats of B(mode) - B(none) of the same repeat; the cost model predicts
+    ``recomputed_fraction x F(none)``."""
     import torch
 
     from skippipe.config import load_config
     from skippipe.cost import CostModel
     from skippipe.model.presets import resolve_model_spec
     from skippipe.model.transformer import build_stages
+    from skippipe.process import set_host_memory
     from skippipe.topology import load_topology
     from skippipe.train import compute
 
     torch.set_num_threads(1)
+    set_host_memory(args.host_memory)  # as the workers run (runtime.host_memory)
     repeats = 5 if args.quick else 25
     cases = []
     for preset, stages, layers, seed in (("small", 4, 8, 0), ("tiny", 4, 8, 1), ("small", 3, 6, 2), ("tiny", 2, 6, 3)):
@@ -204,7 +212,8 @@ def recompute(args, workdir: Path) -> dict:
                 cfg = load_config(None, [*common, f"train.activation_checkpointing={mode}"])
                 cost = CostModel.from_config(cfg, spec, load_topology(cfg))
                 predicted = cost.recomputed_fraction(stage_id) * med["none"]["F"]
-                measured = med[mode]["B"] - med["none"]["B"]
+                # paired: each repeat's B(mode) - B(none), run back to back (drift and load cancel)
+                measured = statistics.median(b - b0 for b, b0 in zip(times[mode]["B"], times["none"]["B"]))
                 cases.append({"preset": preset, "stages": stages, "layers": layers, "stage": stage_id, "mode": mode,
                               "F_s": med["none"]["F"], "B_none_s": med["none"]["B"], "B_s": med[mode]["B"],
                               "predicted_s": predicted, "measured_s": measured,
@@ -284,6 +293,8 @@ def parse_args(argv=None):
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--steps", type=int, default=60, help="training steps per quality run")
     parser.add_argument("--only", choices=("quality", "wire", "memory", "recompute"))
+    parser.add_argument("--host-memory", choices=("retain", "system"), default="retain",
+                        help="the recompute probe's malloc policy (runtime.host_memory; the workers' default)")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",")]
