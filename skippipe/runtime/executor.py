@@ -106,8 +106,10 @@ class WorkerGroup(Protocol):
 
     def kill(self, node: str) -> None: ...
 
-    def add(self, node: str, spec: Dict[str, Any]) -> None:
-        """Start a worker for a node that was not in the topology (``skippipe join``)."""
+    def add(self, node: str, spec: Dict[str, Any]) -> float:
+        """Start a worker for a node that was not in the topology (``skippipe join``), or take the
+        one ``ray.autojoin`` started when its machine appeared; returns when it was started
+        (``time.monotonic()``)."""
 
     def join_requests(self) -> List[Dict[str, Any]]:
         """Requests to add nodes to the running job that arrived since the last call."""

@@ -20,13 +20,15 @@ import itertools
 import logging
 import os
 import sys
+import threading
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from skippipe.errors import RunFailed, UserError
 
 NAMESPACE = "skippipe"
 log = logging.getLogger("skippipe")
+AUTOJOIN_POLL_S = 0.5  # ray.autojoin: how often the cluster's Ray nodes are listed
 
 
 def mailbox_name(run_name: str) -> str:
@@ -195,29 +197,49 @@ def wait_join(request: Dict[str, Any], until: str = "joined", timeout_s: float =
 
 class RayJoins:
     """A Ray run's side of joining: its mailbox, and with ``ray.autojoin`` a join request for each
-    Ray node that joins the cluster (``ray.join_template``), answered like ``skippipe join``."""
+    Ray node that joins the cluster (``ray.join_template``), answered like ``skippipe join``.
 
-    def __init__(self, cfg, seen_ray_nodes):
+    With ``ray.autojoin`` a thread lists the cluster's Ray nodes every :data:`AUTOJOIN_POLL_S` and,
+    for a new one, calls ``prestart(spec)`` at once (the launcher starts its worker: a process's
+    start-up takes seconds, which then overlap the steps until the coordinator takes the request)
+    and leaves the request in the mailbox."""
+
+    def __init__(self, cfg, seen_ray_nodes, prestart: Optional[Callable[[Dict[str, Any]], None]] = None):
         self.cfg = cfg
         self.seen_ray_nodes = set(seen_ray_nodes)  # Ray node ids present at the start (never admitted)
         self.mailbox = None
+        self.prestart = prestart
+        self.autojoined: Dict[int, str] = {}  # request id -> the node ray.autojoin asked for
+        self._stop = threading.Event()
+        self._watcher: Optional[threading.Thread] = None
 
     def open(self) -> None:
         self.mailbox = open_mailbox(self.cfg.run.name)
+        if self.cfg.ray.autojoin:
+            self._watcher = threading.Thread(target=self._watch, name="skippipe-autojoin", daemon=True)
+            self._watcher.start()
 
     def requests(self) -> List[Dict[str, Any]]:
-        """The mailbox's new requests; with ``ray.autojoin``, first one per Ray node that joined the
-        cluster since the last call (through the mailbox, so it is answered like ``skippipe join``)."""
+        """The mailbox's new requests (``skippipe join``'s and ``ray.autojoin``'s)."""
         import ray
 
         if self.mailbox is None:
             return []
-        if self.cfg.ray.autojoin:
-            for spec in self._new_ray_nodes():
-                log.warning("ray.autojoin: Ray node %s (%s) joined the cluster; asking to add it as node %s "
-                            "(region %s)", spec["ray_node_id"][:8], spec["node_ip"], spec["name"], spec["region"])
-                self.mailbox.request.remote(spec)  # the same caller's calls run in order: taken below
         return ray.get(self.mailbox.take.remote())
+
+    def _watch(self) -> None:
+        import ray
+
+        while not self._stop.wait(AUTOJOIN_POLL_S):
+            try:
+                for spec in self._new_ray_nodes():
+                    log.warning("ray.autojoin: Ray node %s (%s) joined the cluster; asking to add it as node %s "
+                                "(region %s)", spec["ray_node_id"][:8], spec["node_ip"], spec["name"], spec["region"])
+                    if self.prestart is not None:
+                        self.prestart(spec)
+                    self.autojoined[ray.get(self.mailbox.request.remote(spec))] = spec["name"]
+            except Exception as err:  # noqa: BLE001 - the cluster or the mailbox going away ends the run anyway
+                log.debug("ray.autojoin: listing the cluster failed (%s)", err)
 
     def _new_ray_nodes(self) -> List[Dict[str, Any]]:
         """Join requests (``ray.join_template``) for the live Ray nodes not seen before."""
@@ -247,6 +269,9 @@ class RayJoins:
             self.mailbox.update.remote(request_id, status, **info)
 
     def close(self) -> None:
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=10.0)
         if self.mailbox is not None:
             close_mailbox(self.mailbox, self.cfg.run.name)
             self.mailbox = None

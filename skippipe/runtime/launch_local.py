@@ -50,7 +50,7 @@ class LocalLauncher:
             proc.kill()
             proc.wait()
 
-    def add(self, node: str, spec: Dict[str, Any]) -> None:
+    def add(self, node: str, spec: Dict[str, Any]) -> float:
         raise AssertionError("launcher=local takes no join requests")
 
     def join_requests(self) -> List[Dict[str, Any]]:

@@ -99,7 +99,8 @@ class RayLauncher:
         self._record_placement(self.pg, self.nodes)
         from skippipe.runtime.join import RayJoins
 
-        self.joins = RayJoins(cfg, {n["NodeID"] for n in ray.nodes()})  # ray.autojoin admits Ray nodes not among them
+        # ray.autojoin admits Ray nodes not among them, their workers started as soon as they are seen
+        self.joins = RayJoins(cfg, {n["NodeID"] for n in ray.nodes()}, prestart=self._prestart)
         self._probed: Dict[str, Any] = {}  # Ray node id -> (when, responded) of the last liveness probe
         self.actor_cls = ray.remote(WorkerActor)
         self.actors: Dict[str, Any] = {}
@@ -109,6 +110,8 @@ class RayLauncher:
         self._lock = threading.Lock()
         self._starting: Dict[str, threading.Thread] = {}
         self._cancelled: Set[str] = set()  # killed while starting: not spawned
+        self.spawned_at: Dict[str, float] = {}  # node -> when its latest worker was started (monotonic)
+        self._prestarted: Set[str] = set()  # ray.autojoin: started, not yet taken by add (or rejected)
 
     def _bundle(self, node: str) -> Dict[str, float]:
         return {**self.bundle, **self.pins.get(node, {}).get("resources", {})}
@@ -141,6 +144,7 @@ class RayLauncher:
                                        max_restarts=0).remote(self._env(node, incarnation))
         self.actors[node] = actor
         self.runs[node] = actor.run.remote()
+        self.spawned_at[node] = time.monotonic()
 
     def start(self) -> None:
         for node in self.nodes:
@@ -154,13 +158,34 @@ class RayLauncher:
         return self.joins.requests()
 
     def answer(self, request_id: int, status: str, **info) -> None:
+        node = self.joins.autojoined.pop(request_id, None) if status != "accepted" else None
+        if status == "rejected" and node in self._prestarted:  # its worker was started when its Ray node was seen
+            self._prestarted.discard(node)
+            self.kill(node)
         self.joins.answer(request_id, status, **info)
 
-    def add(self, node: str, spec: Dict[str, Any]) -> None:
+    def _prestart(self, spec: Dict[str, Any]) -> None:
+        """``ray.autojoin`` (the watcher thread): start the worker of a Ray node that joined the
+        cluster before the coordinator takes its request; :meth:`add` then finds it started."""
+        with self._lock:
+            if spec["name"] not in self.bundle_of:  # a name already in the run is rejected, not started
+                self._start_added(spec["name"], spec)
+                self._prestarted.add(spec["name"])
+
+    def add(self, node: str, spec: Dict[str, Any]) -> float:
         """Start a worker for a node that was not in the topology, in a placement group of its own
         (pinned to the Ray node ``spec['ray_node_id']``, else to one with IP ``spec['node_ip']``, if
-        given). Returns at once: the actor starts when the cluster has room, and the worker joins
-        once it reports ready."""
+        given), unless ``ray.autojoin`` started it already. Returns at once (the actor starts when
+        the cluster has room, and the worker joins once it reports ready) with when the worker was
+        started (``time.monotonic()``)."""
+        with self._lock:
+            if node in self._prestarted:
+                self._prestarted.discard(node)
+            else:
+                self._start_added(node, spec)
+            return self.spawned_at[node]
+
+    def _start_added(self, node: str, spec: Dict[str, Any]) -> None:
         from ray.util.placement_group import placement_group
 
         bundle, selector = dict(self.bundle), {}

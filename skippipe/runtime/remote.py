@@ -272,8 +272,7 @@ class RemoteExecutor:
         self.membership.add(node)
         self.added.append(dict(spec))
         self.incarnation[node] = 0
-        self.started[node] = time.monotonic()
-        self.launcher.add(node, spec)
+        self.started[node] = self.launcher.add(node, spec)  # ray.autojoin may have started it already
         self.membership.joins(node, 0)
 
     def admit(self, allocation: List[List[str]], rebuild: str) -> Admission:
