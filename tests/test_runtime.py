@@ -303,6 +303,9 @@ def _prepost_pair(rank, port, result_path):
     Path(result_path).write_text(json.dumps({
         "values": values, "last": last, "window": PREPOST_WINDOW, "posted_at_start": posted_at_start,
         "posted_after": posted_after, "order_error": order_error, "samples": len(transport.link_samples)}))
+    # as a worker ends (worker.main): step 1's abandoned receives still block in a helper thread, and
+    # interpreter teardown would destroy the group under it (std::terminate, SIGABRT)
+    os._exit(0)
 
 
 def test_receives_posted_ahead_arrive_in_plan_order_and_a_failed_step_lets_go_of_them(tmp_path):

@@ -70,7 +70,6 @@ class RayLauncher:
     def __init__(self, cfg: Config, nodes: List[Any], addr: str, port: int, secret: str):
         """``nodes``: the topology's :class:`~skippipe.topology.Node` entries (their ``ray`` pins)."""
         import ray
-        from ray.util.placement_group import placement_group, remove_placement_group
 
         self.cfg, self.nodes, self.addr, self.port = cfg, [n.name for n in nodes], addr, port
         self.pins: Dict[str, Dict[str, Any]] = {n.name: n.ray for n in nodes}  # resources, labels
@@ -81,18 +80,9 @@ class RayLauncher:
             bundle["GPU"] = 1
         self.bundle = bundle
         check_pins(self.pins, ray.nodes())
-        bundles = [self._bundle(name) for name in self.nodes]
-        selectors = [dict(self.pins[name].get("labels", {})) for name in self.nodes]
-        self.pg = placement_group(bundles, strategy=cfg.ray.placement_strategy,
-                                  **({"bundle_label_selector": selectors} if any(selectors) else {}))
-        try:
-            ray.get(self.pg.ready(), timeout=cfg.runtime.timeout_s * 4)
-        except ray.exceptions.GetTimeoutError:
-            remove_placement_group(self.pg)
-            pinned = "; nodes pinned by ray.resources/labels need a Ray node with them" if any(self.pins.values()) else ""
-            raise UserError(f"the Ray cluster did not place {len(nodes)} workers x {bundle} within "
-                            f"{cfg.runtime.timeout_s * 4:.0f} s (strategy {cfg.ray.placement_strategy}); "
-                            f"lower ray.num_cpus_per_worker or add machines{pinned}") from None
+        self.pg = place_job(cfg, [self._bundle(name) for name in self.nodes],
+                            [dict(self.pins[name].get("labels", {})) for name in self.nodes], bundle,
+                            pinned=any(self.pins.values()))
         self.bundle_of: Dict[str, Any] = {node: (self.pg, i) for i, node in enumerate(self.nodes)}
         self.extra_pgs: List[Any] = []
         self.placement: Dict[str, Dict[str, str]] = {}  # topology node -> {node_id, node_ip} of its Ray node
@@ -186,14 +176,7 @@ class RayLauncher:
             return self.spawned_at[node]
 
     def _start_added(self, node: str, spec: Dict[str, Any]) -> None:
-        from ray.util.placement_group import placement_group
-
-        bundle, selector = dict(self.bundle), {}
-        if spec.get("ray_node_id"):
-            selector = {"bundle_label_selector": [{NODE_ID_LABEL: spec["ray_node_id"]}]}
-        elif spec.get("node_ip"):
-            bundle[f"node:{spec['node_ip']}"] = 0.001
-        pg = placement_group([bundle], strategy="PACK", **selector)
+        pg = added_node_group(self.bundle, spec)
         self.extra_pgs.append(pg)
         self.nodes.append(node)
         self.bundle_of[node] = (pg, 0)
@@ -327,6 +310,40 @@ class RayLauncher:
             remove_placement_group(pg)
         self.joins.close()
         _wait_removed([self.pg, *self.extra_pgs])
+
+
+def added_node_group(worker: Dict[str, float], spec: Dict[str, Any]):
+    """A placement group of its own for an added node: on the Ray node ``spec['ray_node_id']``,
+    else on one with IP ``spec['node_ip']``, if given."""
+    from ray.util.placement_group import placement_group
+
+    bundle, selector = dict(worker), {}
+    if spec.get("ray_node_id"):
+        selector = {"bundle_label_selector": [{NODE_ID_LABEL: spec["ray_node_id"]}]}
+    elif spec.get("node_ip"):
+        bundle[f"node:{spec['node_ip']}"] = 0.001
+    return placement_group([bundle], strategy="PACK", **selector)
+
+
+def place_job(cfg: Config, bundles: List[Dict[str, float]], selectors: List[Dict[str, str]],
+              worker: Dict[str, float], pinned: bool):
+    """The job's placement group, one bundle per node (``selectors``: each bundle's pinned labels;
+    ``worker``: a bundle without pins), once Ray has placed it; a one-line error naming what to
+    change when it cannot within ``runtime.timeout_s * 4``."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    pg = placement_group(bundles, strategy=cfg.ray.placement_strategy,
+                         **({"bundle_label_selector": selectors} if any(selectors) else {}))
+    try:
+        ray.get(pg.ready(), timeout=cfg.runtime.timeout_s * 4)
+    except ray.exceptions.GetTimeoutError:
+        remove_placement_group(pg)
+        hint = "; nodes pinned by ray.resources/labels need a Ray node with them" if pinned else ""
+        raise UserError(f"the Ray cluster did not place {len(bundles)} workers x {worker} within "
+                        f"{cfg.runtime.timeout_s * 4:.0f} s (strategy {cfg.ray.placement_strategy}); "
+                        f"lower ray.num_cpus_per_worker or add machines{hint}") from None
+    return pg
 
 
 def _wait_removed(pgs, timeout_s: float = 10.0) -> None:
