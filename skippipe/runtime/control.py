@@ -11,7 +11,8 @@ worker is up); ``first/<node>/<incarnation>`` -> the first command index that in
 ``cmd/<i>`` -> a :class:`~skippipe.runtime.wire.Command`; ``abort/<i>`` -> True (survivors stop
 waiting on failed command ``i``); ``report/<i>/<node>`` -> a :class:`~skippipe.runtime.wire.NodeReport`;
 ``hb/<node>`` -> time of its last heartbeat. Raw (unauthenticated) store
-keys: ``reported/<i>`` (a counter) and ``allin/<i>`` (the doorbell set by the last reporter).
+keys: ``reported/<i>`` (a counter) and ``allin/<i>`` (the doorbell set by the last reporter, or by a
+failed one).
 
 Privacy and authentication: the coordinator's store listens on one address (127.0.0.1 on one
 box; a socket we bind and hand to the TCPStore, which alone would listen on every interface).
@@ -218,10 +219,10 @@ class ControlChannel:
         return Command.from_wire(self.wait_for(f"cmd/{index}", timeout_s=timeout_s))
 
     def report(self, index: int, report: NodeReport, expected: int = 0) -> None:
-        """``report``'s node reports on command ``index``; the last of its ``expected`` members
-        rings the doorbell."""
+        """``report``'s node reports on command ``index``; the last of its ``expected`` members, and
+        any member that failed (its peers must be told to stop waiting), rings the doorbell."""
         self.put(f"report/{index}/{report.node}", report.to_wire())
-        if self.store.add(f"reported/{index}", 1) >= expected > 0:
+        if self.store.add(f"reported/{index}", 1) >= expected > 0 or not report.ok:
             self.store.set(f"allin/{index}", "1")
 
     def reported(self, index: int) -> int:

@@ -189,24 +189,30 @@ class RemoteExecutor:
         reports: Dict[str, NodeReport] = {}
         dead: Dict[str, str] = {}
         rang = self._doorbell.watch(index, timeout_s)
-        next_check, seen = 0.0, 0
+        next_check, seen, rung = 0.0, 0, False
         self.heartbeats.start_watching()  # the time between steps was not spent watching
         while pending:
-            # read the reports when the last member rang the doorbell, or when the report counter
-            # moved (a failed member reports early: the survivors must be told to stop waiting), and
-            # look for exited or silent workers every CHECK_EVERY_S meanwhile (reading every key of
-            # every worker at each check cost the coordinator ~20 ms of CPU per step, taken from the
-            # workers on a shared box)
+            # read the reports when the doorbell rings: the last member reported, or one failed (the
+            # survivors must be told to stop waiting); after a failure's ring, read them whenever the
+            # report counter moves. Look for exited or silent workers every CHECK_EVERY_S meanwhile
+            # (reading every key of every worker at each check cost the coordinator ~20 ms of CPU
+            # per step, and polling the counter at each check ~5 ms, taken from the workers on a
+            # shared box)
             now = time.monotonic()
             checking = now >= next_check
-            count = self.control.reported(index) if checking and not rang.is_set() else seen
-            if rang.is_set() or count > seen:
-                seen = count
+            read = False
+            if rang.is_set() and not rung:
+                rung = read = True
+            elif rung and checking:
+                count = self.control.reported(index)
+                read, seen = count > seen, max(count, seen)
+            if read:
                 for node in sorted(pending):
                     report = self.control.read_report(index, node)
                     if report is not None:
                         reports[node] = report
                         pending.discard(node)
+                seen = max(seen, len(reports))
             if checking:
                 next_check = now + CHECK_EVERY_S
                 exited = self.launcher.exited() if self.launcher is not None else {}
@@ -229,7 +235,11 @@ class RemoteExecutor:
                     dead[node] = f"sent no report within {timeout_s:.0f} s (runtime.timeout_s)"
                 break
             if pending:
-                rang.wait(max(0.0, next_check - time.monotonic()))
+                wait_s = max(0.0, next_check - time.monotonic())
+                if rung:  # the bell stays rung: wait out the check interval
+                    time.sleep(wait_s)
+                else:
+                    rang.wait(wait_s)
         self._doorbell.release(index)
         return reports, dead
 

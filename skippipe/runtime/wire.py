@@ -11,7 +11,7 @@ them, one with missing keys gets the defaults (a report without ``ok`` is a fail
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional, Type, TypeVar
 
 T = TypeVar("T")
@@ -19,6 +19,12 @@ T = TypeVar("T")
 # what a worker report keeps in routes.jsonl (``timings``): enough to replay the predictor
 TIMING_KEYS = ("compute_s", "compute_n", "compute_cpu_s", "recv_wait_s", "emulated_delay_s", "reduce_s", "step_s",
                "links", "cpu_s", "sent_bytes", "sent_messages", "peak_rss_mb", "base_rss_mb")
+
+
+def _encode(message) -> Dict[str, Any]:
+    """The message's fields, shallow: their values are JSON already (``dataclasses.asdict`` deep-copied
+    every step's plan: 0.3 ms of the coordinator's CPU per command of a 4-node plan, 0.03 ms now)."""
+    return {f.name: getattr(message, f.name) for f in fields(message)}
 
 
 def _decode(cls: Type[T], data: Dict[str, Any]) -> T:
@@ -57,7 +63,7 @@ class Command:
     abort: Optional[str] = None
 
     def to_wire(self) -> Dict[str, Any]:
-        return asdict(self)
+        return _encode(self)
 
     @classmethod
     def from_wire(cls, data: Dict[str, Any]) -> "Command":
@@ -114,7 +120,7 @@ class NodeReport:
     time: float = 0.0
 
     def to_wire(self) -> Dict[str, Any]:
-        return asdict(self)
+        return _encode(self)
 
     @classmethod
     def from_wire(cls, data: Dict[str, Any]) -> "NodeReport":

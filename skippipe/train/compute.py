@@ -162,7 +162,9 @@ class GradAccumulator:
         ref = next(self.stage.parameters())
         self.total = torch.zeros(numel, dtype=ref.dtype, device=ref.device)
         self.expected = sorted(self.expected)
-        self._index = flat_param_index(self.stage)
+        index = flat_param_index(self.stage)  # id(param) -> its slice of ``total``, shaped like it
+        self._slices = {id(p): self.total[index[id(p)][0]:index[id(p)][0] + p.numel()].view(p.shape)
+                        for p in self.stage.parameters()}
 
     def add(self, microbatch_id: int, params: List[torch.nn.Parameter], grads: List[torch.Tensor]) -> None:
         """Record (part of) a microbatch's gradient; phases L and B each give a disjoint part."""
@@ -178,13 +180,10 @@ class GradAccumulator:
             part = self.pending.get(mb)
             if part is None or "done" not in part:
                 break
-            # in place, slice by slice: the same additions as ``total + flat`` element by element
-            # (every parameter of the stage gets a gradient from phase L or B of each microbatch)
-            for key, grad in part.items():
-                if key == "done":
-                    continue
-                offset, numel = self._index[key]
-                self.total[offset:offset + numel].add_(grad.reshape(-1))
+            # in place, slice by slice, in one call: the same additions as ``total + flat`` element by
+            # element (every parameter of the stage gets a gradient from phase L or B of each microbatch)
+            keys = [key for key in part if key != "done"]
+            torch._foreach_add_([self._slices[key] for key in keys], [part[key] for key in keys])
             del self.pending[mb]
             self.next_index += 1
 
