@@ -14,7 +14,7 @@ import torch.distributed as dist
 from skippipe.config import load_config
 from skippipe.runtime.control import ControlChannel, box_secret, connect_store, new_secret
 from skippipe.runtime.heartbeats import READ_EVERY_S
-from skippipe.runtime.wire import Command
+from skippipe.runtime.wire import Command, NodeReport
 from skippipe.runtime.worker import check_command_paths
 
 SMALL = ["model.dim=64", "model.n_heads=2", "model.ffn_dim=128", "model.seq_len=32", "train.samples_per_microbatch=2",
@@ -67,6 +67,21 @@ def test_forged_wrong_key_and_replayed_values_are_rejected():
         time.sleep(0.01)
     assert reader.read("cmd/3") is None and reader.rejected == 4
     assert reader.read("cmd/1") == {"stop": True}
+
+
+def test_the_doorbell_rings_for_the_last_report_or_at_once_for_a_failed_one():
+    """The coordinator no longer polls the report counter while a step runs: the last of the expected
+    reports rings, and so does a failure before the others (the survivors must be told to stop)."""
+    store = connect_store("127.0.0.1", 0, True, 10.0)
+    channel = ControlChannel(store, 10.0, secret=new_secret())
+    channel.report(1, NodeReport(ok=True, node="n0"), expected=3)
+    channel.report(1, NodeReport(ok=True, node="n1"), expected=3)
+    assert not channel.store.check(["allin/1"]) and channel.reported(1) == 2
+    channel.report(1, NodeReport(ok=True, node="n2"), expected=3)
+    assert channel.store.check(["allin/1"])
+    channel.report(2, NodeReport(ok=False, node="n1", message="RuntimeError: boom"), expected=3)
+    assert channel.store.check(["allin/2"]) and channel.reported(2) == 1
+    assert channel.read_report(2, "n1").message == "RuntimeError: boom"
 
 
 def test_silence_counts_only_time_watched_and_ignores_wall_clock_steps(monkeypatch):
