@@ -215,17 +215,7 @@ class RemoteExecutor:
                 seen = max(seen, len(reports))
             if checking:
                 next_check = now + CHECK_EVERY_S
-                exited = self.launcher.exited() if self.launcher is not None else {}
-                for node in sorted(pending & set(exited)):
-                    report = self.control.read_report(index, node)
-                    if report is not None:  # it reported, then ended (e.g. after stop)
-                        reports[node] = report
-                    else:
-                        dead[node] = f"process exited with code {exited[node]}"
-                    pending.discard(node)
-                for node in self.heartbeats.silent(pending):
-                    dead[node] = f"no heartbeat for {self.heartbeats.limit_s:.0f} s"
-                    pending.discard(node)
+                self._find_dead(index, pending, reports, dead)
             failed = dead or any(not r.ok for r in reports.values())
             if failed and not self.control.has(f"abort/{index}"):
                 self.control.put(f"abort/{index}", True)  # survivors stop waiting on the failed step
@@ -242,6 +232,21 @@ class RemoteExecutor:
                     rang.wait(wait_s)
         self._doorbell.release(index)
         return reports, dead
+
+    def _find_dead(self, index: int, pending: Set[str], reports: Dict[str, NodeReport], dead: Dict[str, str]) -> None:
+        """Move the pending members whose process exited or whose heartbeat went silent to ``dead``
+        (or to ``reports``: one that reported, then ended)."""
+        exited = self.launcher.exited() if self.launcher is not None else {}
+        for node in sorted(pending & set(exited)):
+            report = self.control.read_report(index, node)
+            if report is not None:  # it reported, then ended (e.g. after stop)
+                reports[node] = report
+            else:
+                dead[node] = f"process exited with code {exited[node]}"
+            pending.discard(node)
+        for node in self.heartbeats.silent(pending):
+            dead[node] = f"no heartbeat for {self.heartbeats.limit_s:.0f} s"
+            pending.discard(node)
 
     def rejected(self) -> int:
         """``control/rejected``: forged or replayed control values ignored by the coordinator and
