@@ -7,7 +7,8 @@ Names are namespaced (STYLE.md). Per step: ``loss/train``, ``lr``, ``grad_norm``
 (measured; distributed launchers only), ``node/<name>/alive``, ``node/<name>/slowdown`` (measured
 over modelled compute time), ``cluster/generation`` and, once the run has a ledger, ``verify/chain``
 (short hash of the chain head). The final line adds ``loss/val``, ``ppl/val``, ``time/wall_s``,
-``tokens``. Every line of metrics.jsonl is one JSON object with ``step``; wandb and the console get
+``tokens``; with ``train.eval_every=k`` a line ``{step, loss/val, ppl/val}`` follows every k-th step
+(the parameters after that many steps). Every line of metrics.jsonl is one JSON object with ``step``; wandb and the console get
 the same records (every ``tracking.log_every`` steps), and the progress bar shows a few of them.
 """
 

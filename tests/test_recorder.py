@@ -116,3 +116,19 @@ def test_the_wire_format_round_trips_and_a_recorded_report_replays():
     assert replayed.ok and replayed.measured and replayed.compute_n == {"F": 2} and replayed.links == report.links
     forged = NodeReport.from_wire({"message": "forged", "bad_peer": "n4", "extra": 1})
     assert not forged.ok and forged.bad_peer == "n4"  # without ``ok`` a report is a failure
+
+
+def test_resume_truncation_keeps_the_steps_and_periodic_validations_up_to_the_checkpoint(tmp_path):
+    """run.resume after checkpoint step 3: metrics.jsonl keeps steps 0-3 and the train.eval_every
+    line after 2 steps, and drops what came later and the finished run's summary."""
+    from skippipe.runtime.recorder import truncate_jsonl
+
+    lines = [{"step": s, "loss/train": 1.0, "time/iter_s": 0.1} for s in range(6)]
+    lines.insert(3, {"step": 2, "loss/val": 2.5, "ppl/val": 12.2})
+    lines.insert(6, {"step": 4, "loss/val": 2.4, "ppl/val": 11.0})
+    lines.append({"step": 6, "loss/val": 2.3, "ppl/val": 10.0, "time/wall_s": 9.0, "tokens": 100})
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(m) + "\n" for m in lines))
+    truncate_jsonl(path, 3)
+    kept = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [(m["step"], "loss/val" in m) for m in kept] == [(0, False), (1, False), (2, False), (2, True), (3, False)]

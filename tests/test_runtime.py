@@ -54,6 +54,25 @@ def test_local_equals_inprocess_bitwise(tmp_path, method, precision, checkpointi
     assert b[0]["time/predicted_iter_s"] > 0 and b[0]["memory/peak_rss_mb"] > 0
 
 
+def test_eval_every_validates_the_parameters_after_every_kth_step_on_each_launcher(tmp_path):
+    """train.eval_every=2 over 5 steps: loss/val after 2 and 4 steps, then the final one after 5. The
+    value after 4 steps is the final validation of a 4-step run on the same schedule
+    (train.lr_steps), and 6 worker processes validate to the same numbers as one process."""
+    common = ["configs/tiny.yaml", *SMALL, "train.lr_steps=5", "run.overwrite=true"]
+    ref, local, four = tmp_path / "ref", tmp_path / "local", tmp_path / "four"
+    assert main(["train", *common, "train.steps=5", "train.eval_every=2", f"run.dir={ref}", "launcher=inprocess"]) == 0
+    assert main(["train", *common, "train.steps=5", "train.eval_every=2", f"run.dir={local}", "launcher=local",
+                 f"schedule.routes_from={ref}"]) == 0
+    assert main(["train", *common, "train.steps=4", f"run.dir={four}", "launcher=inprocess",
+                 f"schedule.routes_from={ref}"]) == 0
+    val = {run: [(m["step"], m["loss/val"]) for m in metrics(run) if "loss/val" in m] for run in (ref, local)}
+    assert [s for s, _ in val[ref]] == [2, 4, 5]
+    assert val[ref] == val[local]
+    assert val[ref][1][1] == metrics(four)[-1]["loss/val"]
+    assert val[ref][0][1] != val[ref][1][1]
+    assert not (ref / "eval").exists() and not (local / "eval").exists()  # the snapshots are removed
+
+
 def test_worker_error_surfaces_in_coordinator(tmp_path, capsys):
     code = main(["train", "configs/tiny.yaml", *SMALL, "train.steps=4", f"run.dir={tmp_path}", "launcher=local",
                  "fault.error.step=1", "fault.error.node=n3"])

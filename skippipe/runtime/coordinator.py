@@ -10,6 +10,7 @@ times back into the cost model, logs metrics and the executed route. Two executo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -83,11 +84,14 @@ class InProcessExecutor:
         return entries
 
     def step(self, plan: Plan, step: int, lr: float, data, checkpoint: Optional[dict] = None,
-             meanwhile: Optional[Callable[[Plan], None]] = None, loss_scale: float = 1.0) -> StepOutcome:
+             meanwhile: Optional[Callable[[Plan], None]] = None, loss_scale: float = 1.0,
+             snapshot: Optional[str] = None) -> StepOutcome:
         cfg = self.cfg
         if meanwhile is not None:
             meanwhile(plan)
         written = self._checkpoint(checkpoint)
+        if snapshot:
+            node_state.save_final(self.reference.stages, Path(snapshot))
         mbs = [data.microbatch(cfg.run.seed, step, r.id, cfg.train.samples_per_microbatch,
                                self.reference.spec.seq_len) for r in plan.microbatches]
         result = self.reference.step(plan, mbs, lr, level=cfg.verify.level, loss_scale=loss_scale)
@@ -264,7 +268,6 @@ class Coordinator:
         tokens = self.first_step * planner.state.microbatches * samples * spec.seq_len  # steps before a resume
         bar = Progress(cfg.train.steps, cfg.tracking.progress, cfg.tracking.log_every)
         monitor = self.monitor = FaultMonitor(cfg, executor.membership, topology_path=out / "topology.yaml")
-        recorder = self.recorder
         self.predictor = Predictor()
         generation = 0
         checkpoint = None  # a checkpoint of the last step's state, written with the next command
@@ -285,12 +288,13 @@ class Coordinator:
                 t0 = time.perf_counter()
                 lr = lr_at(step, cfg.train)
                 loss_scale = self.scaler.scale
+                snapshot = snapshot_dir(cfg, out, step)  # train.eval_every: the parameters before this step
                 plan, outcome = monitor.execute(planner, executor, step, lr, data, checkpoint,  # redone on failure
-                                                meanwhile=meanwhile, loss_scale=loss_scale)
+                                                meanwhile=meanwhile, loss_scale=loss_scale, snapshot=snapshot)
                 self.scaler.update(outcome.grad_norm)
                 self._record(step, plan, outcome, executor, checkpoint)
-                checkpoint = ({"step": step, "dir": str(recorder.temp_dir(step))}
-                              if recorder.checkpoint_due(step) else None)
+                checkpoint = ({"step": step, "dir": str(self.recorder.temp_dir(step))}
+                              if self.recorder.checkpoint_due(step) else None)
                 iter_s = time.perf_counter() - t0
                 step_tokens = len(plan.microbatches) * samples * spec.seq_len
                 tokens += step_tokens
@@ -303,7 +307,7 @@ class Coordinator:
                                            predicted.pop("s", None), step_tokens)
                 plan = self._as_recorded(plan, outcome, loss_scale)
                 pending.append(partial(self._log_step, metrics, routes, bar, record, plan, outcome,
-                                       monitor.generation, warm))
+                                       monitor.generation, warm, (data, spec, len(planner.allocation), snapshot)))
         finally:  # the last step's line (also when a step failed for good)
             while pending:
                 pending.pop(0)()
@@ -374,14 +378,19 @@ class Coordinator:
 
 
     def _log_step(self, metrics, routes, bar, record: Dict[str, Any], plan: Plan, outcome: StepOutcome,
-                  generation: int, warm: bool) -> None:
-        """One step's metrics line, route log entry (with this process's CPU since the last) and progress."""
+                  generation: int, warm: bool, validation: tuple = (None, None, 0, None)) -> None:
+        """One step's metrics line, route log entry (with this process's CPU since the last) and progress;
+        then, with ``train.eval_every``, the validation of the snapshot the step's command asked for
+        (``validation``: data, spec, stages, snapshot directory or None)."""
         metrics.log(record)
         cpu_now = time.process_time()
         routes.record(record["step"], plan, generation=generation, timings=step_timings(outcome) or None,
                       iter_s=record["time/iter_s"], warm=warm, coordinator_cpu_s=cpu_now - self._cpu_mark)
         self._cpu_mark = cpu_now
         bar.update(record)
+        data, spec, num_stages, snapshot = validation
+        if snapshot:
+            validate_snapshot(self.cfg, metrics, data, spec, num_stages, snapshot, record["step"])
 
     def _record(self, step: int, plan: Plan, outcome: StepOutcome, executor, checkpoint: Optional[dict]) -> None:
         """Ledger leaves of this step (and the deferred state of the last), and the checkpoint the
@@ -391,6 +400,29 @@ class Coordinator:
         if checkpoint:
             entries = outcome.checkpoint + [r.ckpt for r in outcome.node_reports.values() if r.ckpt]
             recorder.add_checkpoint_entries(checkpoint["step"], entries)
+
+
+def snapshot_dir(cfg: Config, out: Path, step: int) -> Optional[str]:
+    """``train.eval_every``: where the nodes write the parameters as they are before ``step`` (after
+    ``step`` steps), validated while the next step runs; None when not due (the final validation
+    covers the last step)."""
+    every = cfg.train.eval_every
+    return str(out / "eval" / f"step{step}") if every > 0 and step > 0 and step % every == 0 else None
+
+
+def validate_snapshot(cfg: Config, metrics, data, spec, num_stages: int, snapshot: str, step: int) -> None:
+    """The validation loss of a snapshot: ``loss/val`` and ``ppl/val`` at ``step`` (after that many
+    steps, as the final line's is after ``train.steps``); the snapshot is removed after."""
+    import shutil
+
+    from skippipe.train.evaluate import evaluate, load_stages
+
+    stages = load_stages(Path(snapshot), spec, num_stages, cfg.run.seed, allow_missing=True)
+    val = evaluate(stages, data.val_batches(cfg.train.eval_batches, cfg.train.samples_per_microbatch, spec.seq_len))
+    metrics.log({"step": step, "loss/val": val, "ppl/val": math.exp(val)})
+    shutil.rmtree(snapshot, ignore_errors=True)
+    with contextlib.suppress(OSError):  # the last snapshot leaves no empty directory behind
+        Path(snapshot).parent.rmdir()
 
 
 def train_inprocess(cfg: Config) -> Dict[str, Any]:

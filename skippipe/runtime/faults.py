@@ -71,10 +71,11 @@ class FaultMonitor:
         self.replans += 1
 
     def execute(self, planner, executor: Executor, step: int, lr: float, data, checkpoint=None,
-                meanwhile=None, loss_scale: float = 1.0) -> Tuple[Plan, Any]:
+                meanwhile=None, loss_scale: float = 1.0, snapshot=None) -> Tuple[Plan, Any]:
         """Run ``step``; on a node failure re-plan without the failed nodes and redo it. ``meanwhile``
         (plan) runs on each attempt while the workers compute (``executor.step``); ``loss_scale``:
-        the fp16 loss scale of the step (1 otherwise)."""
+        the fp16 loss scale of the step (1 otherwise); ``snapshot``: a directory for the parameters
+        before the step (``train.eval_every``)."""
         self.last_recovery: Dict[str, float] = {}
         self.newcomers.last_join = {}
         for attempt in range(MAX_REDOS_PER_STEP + 1):
@@ -82,7 +83,8 @@ class FaultMonitor:
             plan = planner.plan(step)
             started = time.time()
             try:
-                outcome = executor.step(plan, step, lr, data, checkpoint, meanwhile=meanwhile, loss_scale=loss_scale)
+                outcome = executor.step(plan, step, lr, data, checkpoint, meanwhile=meanwhile, loss_scale=loss_scale,
+                                        snapshot=snapshot)
             except NodeFailure as failure:
                 if attempt == MAX_REDOS_PER_STEP:
                     raise RunFailed(f"step {step} failed {attempt + 1} times; last: {failure}") from None

@@ -182,13 +182,14 @@ def find_resume_point(out: Path) -> Optional[int]:
 
 
 def truncate_jsonl(path: Path, last_step: int) -> None:
-    """Keep the lines of steps <= ``last_step`` (resume continues after them); atomic."""
+    """Keep the lines of steps <= ``last_step`` (resume continues after them) but the final summary
+    (``time/wall_s`` with ``loss/val``; periodic validation lines stay); atomic."""
     if not path.is_file():
         return
     from skippipe.fileio import write_text_atomic
 
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= last_step and "loss/val" not in json.loads(line)]
+    records = [(line, json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line, r in records if r.get("step", 0) <= last_step and not ("loss/val" in r and "time/wall_s" in r)]
     write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 

@@ -155,16 +155,18 @@ class RemoteExecutor:
         self.load_dir = str(directory)
 
     def step(self, plan: Plan, step: int, lr: float, data=None, checkpoint: Optional[dict] = None,
-             meanwhile: Optional[Callable[[Plan], None]] = None, loss_scale: float = 1.0):
+             meanwhile: Optional[Callable[[Plan], None]] = None, loss_scale: float = 1.0,
+             snapshot: Optional[str] = None):
         """Send the step's command, run ``meanwhile(plan)`` (the coordinator's own work, while the
-        workers compute), gather the reports."""
+        workers compute), gather the reports. ``snapshot``: a directory for the parameters as they
+        are before the step (``Command.snapshot``)."""
         index = self.command_index
         rebuilt = {str(k): v for k, v in sorted(self.origin.items())}  # the replay must do the same
         self.control.command(index, Command(
             members=self.membership.members, step=step, generation=self.membership.generation, lr=lr, loss_scale=loss_scale,
             plan=plan.to_dict(), commit_step=self.commit_step, sync={str(k): v for k, v in self.sync.items()},
             rebuild={str(k): v for k, v in self.rebuild.items()}, restore={str(k): v for k, v in self.restore.items()},
-            checkpoint=checkpoint, load=self.load_dir, added=self.added))
+            checkpoint=checkpoint, load=self.load_dir, added=self.added, snapshot=snapshot))
         self.command_index += 1
         if meanwhile is not None:
             meanwhile(plan)

@@ -43,7 +43,8 @@ class Command:
     CheckFree) or -> checkpoint directory (``restore``). ``load``: a checkpoint every stage loads
     (resume); ``checkpoint``: ``{step, dir}`` to write the state as it is before this step;
     ``added``: nodes that joined the running job (name, region, speed, memory_gb), for the link
-    emulator."""
+    emulator; ``snapshot``: a directory for the parameters as they are before this step
+    (``train.eval_every``: the coordinator validates them)."""
 
     members: List[str] = field(default_factory=list)
     step: Optional[int] = None
@@ -58,6 +59,7 @@ class Command:
     checkpoint: Optional[Dict[str, Any]] = None
     load: Optional[str] = None
     added: List[Dict[str, Any]] = field(default_factory=list)
+    snapshot: Optional[str] = None
     stop: bool = False
     save_dir: Optional[str] = None
     abort: Optional[str] = None
@@ -71,7 +73,7 @@ class Command:
 
     def paths(self) -> List[str]:
         """Every directory the command names (each must lie inside the run directory)."""
-        named = [self.save_dir, (self.checkpoint or {}).get("dir"), self.load, *self.restore.values()]
+        named = [self.save_dir, (self.checkpoint or {}).get("dir"), self.load, self.snapshot, *self.restore.values()]
         return [p for p in named if p is not None]
 
 

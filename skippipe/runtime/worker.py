@@ -231,8 +231,14 @@ class Worker:
         """The first live replica of each stage writes its parameters (tensors only) for eval."""
         from pathlib import Path
 
-        if self.stage is not None and node_state.first_live_replica(plan, self.stage_id, self.groups.rank_of) == self.me:
-            node_state.save_final({self.stage_id: self.stage}, Path(out_dir) / "final")
+        self.save_params(plan, Path(out_dir) / "final", self.groups.rank_of)
+
+    def save_params(self, plan: Optional[Plan], target, live) -> None:
+        """The first replica in ``live`` of each stage writes ``target/stage<k>.pt`` (parameters)."""
+        from pathlib import Path
+
+        if self.stage is not None and plan is not None and node_state.first_live_replica(plan, self.stage_id, live) == self.me:
+            node_state.save_final({self.stage_id: self.stage}, Path(target))
 
     def close(self) -> None:
         """Drop this generation's groups (:meth:`GenerationGroups.close`)."""
@@ -333,6 +339,8 @@ def _execute(worker: Worker, command: Command, plan: Optional[Plan], index: int)
         state = worker.take_state_report()
         if command.checkpoint:
             ckpt = worker.save_checkpoint(plan, command.checkpoint["step"], command.checkpoint["dir"], command.members)
+        if command.snapshot:
+            worker.save_params(plan, command.snapshot, command.members)
         if command.stop:
             if plan is not None and command.save_dir:
                 worker.save_final(plan, command.save_dir)
