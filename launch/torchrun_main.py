@@ -57,7 +57,7 @@ def main(argv) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {err}", file=sys.stderr)
         return err.exit_code
-    logging.basicConfig(level=logging.INFO if env.rank == 0 else logging.WARNING,
+    logging.basicConfig(level=cfg.run.log_level.upper() if env.rank == 0 else logging.WARNING,
                         format="%(message)s" if env.rank == 0 else f"[rank {env.rank}] %(levelname)s %(message)s")
     pin_threads(cfg.run.threads)
     if not os.environ.get(SECRET_ENV):

@@ -28,6 +28,7 @@ WANDB_MODES = ("auto", "online", "offline", "disabled")
 DATA_SOURCES = ("stdlib", "files", "tokens", "hf")
 TOKENIZERS = ("bytes", "bpe", "hf")
 PRECISIONS = ("fp32", "bf16", "fp16")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 HOST_MEMORY = ("retain", "system")  # runtime.host_memory (skippipe.process.set_host_memory)
 
 
@@ -447,6 +448,7 @@ def _check_choices(cfg: Config) -> None:
     _choice(cfg.data.source, DATA_SOURCES, "data.source")
     _choice(cfg.data.tokenizer, TOKENIZERS, "data.tokenizer")
     _choice(cfg.train.precision, PRECISIONS, "train.precision")
+    _choice(cfg.run.log_level, LOG_LEVELS, "run.log_level")
     _choice(cfg.runtime.host_memory, HOST_MEMORY, "runtime.host_memory")
     from skippipe.model.presets import checkpoint_interval
 
@@ -466,6 +468,8 @@ def _check_numbers(cfg: Config) -> None:
         raise ConfigError("run.resume=true and run.overwrite=true contradict each other; pass one of them")
     if cfg.train.steps < 0:
         raise ConfigError(f"train.steps={cfg.train.steps} must be >= 0")
+    if cfg.train.eval_every < 0:
+        raise ConfigError(f"train.eval_every={cfg.train.eval_every} must be >= 0 (0: validate only at the end)")
     _positive(cfg.train.samples_per_microbatch, "train.samples_per_microbatch")
     _positive(cfg.schedule.microbatches_per_originator, "schedule.microbatches_per_originator",
               "every stage-0 node starts at least one microbatch per iteration")

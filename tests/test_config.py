@@ -44,6 +44,8 @@ def test_resolved_config_round_trips(tmp_path):
     (["fault.slow_links.n0-n1=-2"], ["fault.slow_links.n0-n1=-2", "must be a number > 0"]),
     (["fault.slow_links.n0-n1=10", "cost.emulate_links=false"], ["fault.slow_links", "cost.emulate_links=true"]),
     (["fault.slow_links_from=-1"], ["fault.slow_links_from=-1 must be a step >= 0"]),
+    (["train.eval_every=-2"], ["train.eval_every=-2 must be >= 0", "0: validate only at the end"]),
+    (["run.log_level=loud"], ["run.log_level", "warning"]),
 ])
 def test_bad_values_name_key_and_fix(overrides, words):
     with pytest.raises(ConfigError) as err:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,6 +24,7 @@ def run(args) -> int:
 
     config, overrides = split_config_and_overrides(args)
     cfg = load_config(config, overrides)
+    logging.getLogger().setLevel(cfg.run.log_level.upper())  # the coordinator's (workers log warnings)
     if cfg.launcher != "ray":  # Ray workers may have GPUs that this machine lacks
         from skippipe.process import check_device
 
