@@ -3,9 +3,12 @@
     OMP_NUM_THREADS=1 .venv/bin/python bench/precision_bench.py [--quick] [--seeds 0,1,2] [--only quality|wire|memory]
     make bench-precision
 
-A. Quality: ``configs/tiny.yaml`` (in-process, the same routes and data) trained ``--steps`` steps in
-   fp32, bf16 and fp16 for every seed; validation loss at equal steps. Target: bf16 within 2% of fp32
-   (median and worst over seeds reported).
+A. Quality: ``configs/tiny.yaml`` (in-process, the same routes and data) trained its own 120 steps
+   (``--steps`` to change) in fp32, bf16 and fp16 for every seed; validation loss at equal steps
+   (and every 20 steps, ``train.eval_every``). Target: bf16 within 2% of fp32 (median and worst over
+   seeds reported, signed: + is worse than fp32). Next to it the floor of that comparison: fp32 again
+   with the learning rate 1e-6 larger (``fp32~``), a change far below bf16's rounding, whose gap
+   says how far this config's loss at a given step moves under any perturbation.
 B. Wire: ``configs/tiny.yaml`` with ``launcher=local`` (6 worker processes), fp32 vs bf16: payload
    bytes per message as the workers' transports count them (``net/bytes_per_message``). Target: halved.
 C. Memory: the ``small`` preset, 4 stages x 1 replica, ``launcher=local``, 8 microbatches
@@ -65,19 +68,26 @@ def train(run: Path, overrides: List[str], config: Optional[str] = "configs/tiny
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
+QUALITY_RUNS = {"fp32": ["train.precision=fp32"], "fp32~": ["train.precision=fp32", "train.lr=3.000003e-3"],
+                "bf16": ["train.precision=bf16"], "fp16": ["train.precision=fp16"]}
+
+
 def quality(args, workdir: Path) -> dict:
     runs: Dict[str, Dict[str, dict]] = {}
+    steps = [f"train.steps={args.steps}"] if args.steps else []
     for seed in args.seeds:
-        for precision in ("fp32", "bf16", "fp16"):
+        for name, overrides in QUALITY_RUNS.items():
             t0 = time.perf_counter()
-            lines = train(workdir / f"q{seed}_{precision}", ["launcher=inprocess", f"run.seed={seed}",
-                                                             f"train.steps={args.steps}", f"train.precision={precision}"])
-            runs.setdefault(str(seed), {})[precision] = {"loss/val": lines[-1]["loss/val"],
-                                                         "wall_s": time.perf_counter() - t0}
-            print(f"  seed {seed} {precision}: val {lines[-1]['loss/val']:.4f}", flush=True)
-    rel = {p: [runs[s][p]["loss/val"] / runs[s]["fp32"]["loss/val"] - 1.0 for s in runs] for p in ("bf16", "fp16")}
-    return {"steps": args.steps, "seeds": args.seeds, "runs": runs,
-            "relative": {p: {"median": statistics.median(v), "worst": max(v, key=abs), "all": v}
+            lines = train(workdir / f"q{seed}_{name}", ["launcher=inprocess", f"run.seed={seed}", *steps,
+                                                        "train.eval_every=20", *overrides])
+            val = [(m["step"], m["loss/val"]) for m in lines if "loss/val" in m]
+            runs.setdefault(str(seed), {})[name] = {"loss/val": val[-1][1], "val_curve": val,
+                                                    "wall_s": time.perf_counter() - t0}
+            print(f"  seed {seed} {name}: val {val[-1][1]:.4f} at step {val[-1][0]}", flush=True)
+    compared = ("fp32~", "bf16", "fp16")
+    rel = {p: [runs[s][p]["loss/val"] / runs[s]["fp32"]["loss/val"] - 1.0 for s in runs] for p in compared}
+    return {"steps": lines[-1]["step"], "seeds": args.seeds, "runs": runs,
+            "relative": {p: {"median": statistics.median(v), "worst": max(v, key=abs), "worse_most": max(v), "all": v}
                          for p, v in rel.items()},
             "wall_ratio": {p: statistics.median(runs[s][p]["wall_s"] / runs[s]["fp32"]["wall_s"] for s in runs)
                            for p in ("bf16", "fp16")}}
@@ -227,8 +237,9 @@ def recompute(args, workdir: Path) -> dict:
 def targets(report: dict) -> Dict[str, tuple]:
     t: Dict[str, tuple] = {}
     if "quality" in report:
-        worst = report["quality"]["relative"]["bf16"]["worst"]
-        t["bf16 val loss within 2% of fp32 (worst seed)"] = (abs(worst) <= 0.02, worst)
+        bf16 = report["quality"]["relative"]["bf16"]
+        t["bf16 val loss within 2% of fp32 (worst seed, either way)"] = (abs(bf16["worst"]) <= 0.02, bf16["worst"])
+        t["bf16 val loss at most 2% above fp32 (worst seed)"] = (bf16["worse_most"] <= 0.02, bf16["worse_most"])
     if "wire" in report:
         t["bf16 bytes per transfer halved"] = (abs(report["wire"]["ratio"] - 0.5) < 1e-9, report["wire"]["ratio"])
     if "memory" in report:
@@ -247,12 +258,13 @@ def print_table(report: dict) -> None:
     if "quality" in report:
         q = report["quality"]
         print(f"\nA. validation loss after {q['steps']} steps (seeds {q['seeds']})")
-        print("seed | fp32 | bf16 | fp16")
+        print("seed | " + " | ".join(QUALITY_RUNS))
         for seed, runs in q["runs"].items():
-            print(f"{seed} | " + " | ".join(f"{runs[p]['loss/val']:.4f}" for p in ("fp32", "bf16", "fp16")))
-        for p in ("bf16", "fp16"):
-            r = q["relative"][p]
-            print(f"{p} vs fp32: median {r['median']:+.2%}, worst {r['worst']:+.2%}; wall {q['wall_ratio'][p]:.2f}x")
+            print(f"{seed} | " + " | ".join(f"{runs[p]['loss/val']:.4f}" for p in QUALITY_RUNS))
+        for p, r in q["relative"].items():
+            wall = f"; wall {q['wall_ratio'][p]:.2f}x" if p in q["wall_ratio"] else " (the floor: lr 1e-6 larger)"
+            print(f"{p} vs fp32: median {r['median']:+.2%}, worst {r['worst']:+.2%}, most above fp32 "
+                  f"{r['worse_most']:+.2%}{wall}")
     if "wire" in report:
         w = report["wire"]
         print(f"\nB. payload bytes per message: fp32 {w['fp32']['bytes_per_message']:.0f}, "
@@ -290,8 +302,8 @@ def save(report: dict, path: str) -> None:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run: one seed, few steps")
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--steps", type=int, default=60, help="training steps per quality run")
+    parser.add_argument("--seeds", default="0,1,2,3,4,5")
+    parser.add_argument("--steps", type=int, default=None, help="training steps per quality run (default: the config's)")
     parser.add_argument("--only", choices=("quality", "wire", "memory", "recompute"))
     parser.add_argument("--host-memory", choices=("retain", "system"), default="retain",
                         help="the recompute probe's malloc policy (runtime.host_memory; the workers' default)")

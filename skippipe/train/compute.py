@@ -162,9 +162,11 @@ class GradAccumulator:
         ref = next(self.stage.parameters())
         self.total = torch.zeros(numel, dtype=ref.dtype, device=ref.device)
         self.expected = sorted(self.expected)
-        index = flat_param_index(self.stage)  # id(param) -> its slice of ``total``, shaped like it
-        self._slices = {id(p): self.total[index[id(p)][0]:index[id(p)][0] + p.numel()].view(p.shape)
-                        for p in self.stage.parameters()}
+        index = flat_param_index(self.stage)
+        self._slices = {}  # id(param) -> its slice of ``total``, shaped like it
+        for p in self.stage.parameters():
+            start = index[id(p)][0]
+            self._slices[id(p)] = self.total[start:start + p.numel()].view(p.shape)
 
     def add(self, microbatch_id: int, params: List[torch.nn.Parameter], grads: List[torch.Tensor]) -> None:
         """Record (part of) a microbatch's gradient; phases L and B each give a disjoint part."""
