@@ -29,6 +29,8 @@ DATA_SOURCES = ("stdlib", "files", "tokens", "hf")
 TOKENIZERS = ("bytes", "bpe", "hf")
 PRECISIONS = ("fp32", "bf16", "fp16")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+BACKENDS = ("auto", "gloo", "nccl")
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement groups
 HOST_MEMORY = ("retain", "system")  # runtime.host_memory (skippipe.process.set_host_memory)
 
 
@@ -411,12 +413,85 @@ def _positive(value, key: str, fix: str = "") -> None:
         raise ConfigError(f"{key}={value} must be > 0{'; ' + fix if fix else ''}")
 
 
+def _above(low):
+    return (lambda v: v > low), f"> {low}"
+
+
+def _at_least(low):
+    return (lambda v: v >= low), f">= {low}"
+
+
+def _within(low, high, open_high: bool = False):
+    return ((lambda v: low <= v < high) if open_high else (lambda v: low <= v <= high),
+            f"in [{low}, {high}{')' if open_high else ']'}")
+
+
+# key -> (test, what it must be, may it be null): the numeric ranges checked once at startup; the
+# error names the key, the range and the default
+_RANGES = {
+    "model.init_std": (*_above(0), False),
+    "model.norm_eps": (*_above(0), False),
+    "model.rope_theta": (*_above(0), False),
+    "data.bpe_vocab_size": (*_at_least(256), False),  # the byte alphabet comes first
+    "data.max_corpus_mb": (*_above(0), False),
+    "train.min_lr_ratio": (*_within(0, 1), False),
+    "train.warmup_steps": (*_at_least(0), False),
+    "train.lr_steps": (*_at_least(1), True),
+    "train.weight_decay": (*_at_least(0), False),
+    "train.beta1": (*_within(0, 1, open_high=True), False),
+    "train.beta2": (*_within(0, 1, open_high=True), False),
+    "train.eps": (*_above(0), False),
+    "train.grad_clip": (*_at_least(0), False),
+    "train.eval_batches": (*_at_least(1), False),
+    "schedule.max_swaps": (*_at_least(0), False),
+    "schedule.max_swap_distance": (*_at_least(0), False),
+    "schedule.max_jump": (*_at_least(1), False),
+    "schedule.replan_every": (*_at_least(0), False),
+    "schedule.search_budget_s": (*_above(0), False),
+    "schedule.allocation_budget_s": (*_above(0), False),
+    "cost.fwd_s_per_sample_layer": (*_above(0), True),
+    "cost.flops_per_s": (*_above(0), False),
+    "cost.bwd_factor": (*_at_least(0), False),
+    "cost.loss_factor": (*_at_least(0), False),
+    "cost.message_overhead_s": (*_at_least(0), False),
+    "cost.bytes_per_element": (*_at_least(1), True),
+    "cost.measured_ewma": (*_within(0, 1), False),
+    "tracking.log_every": (*_at_least(1), False),
+    "checkpoint.every": (*_at_least(0), False),
+    "checkpoint.keep": (*_at_least(1), False),
+    "fault.slow_threshold": (*_above(1), False),
+    "runtime.master_port": (*_within(1, 65535), True),
+    "ray.num_cpus_per_worker": (*_above(0), True),
+}
+
+
+def _check_ranges(cfg: Config) -> None:
+    """Every number in :data:`_RANGES` is finite and in its range (null only where it may be)."""
+    defaults = Config()
+    for key, (ok, must, nullable) in _RANGES.items():
+        value = _lookup(cfg, key)
+        if value is None and nullable:
+            continue
+        if value is None or isinstance(value, bool) or not math.isfinite(value) or not ok(value):
+            default = _lookup(defaults, key)
+            raise ConfigError(f"{key}={value} must be {must}{' or null' if nullable else ''}; "
+                              f"the default is {key}={'null' if default is None else default}")
+
+
+def _lookup(cfg: Config, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
 def check_config(cfg: Config) -> None:
     """Cross-field checks, once at startup; each failure names the key, the numbers and the fix."""
     from skippipe.model.presets import resolve_model_spec
 
     _check_choices(cfg)
     _check_numbers(cfg)
+    _check_ranges(cfg)
     stages = num_stages(cfg)
     _positive(stages, "schedule.num_stages")
     spec = resolve_model_spec(cfg.model)  # the shape; the vocabulary comes with the data
@@ -455,6 +530,8 @@ def _check_choices(cfg: Config) -> None:
     checkpoint_interval(cfg.train.activation_checkpointing)
     _choice(cfg.fault.corrupt.tensor, ("param", "grad", "act", "op"), "fault.corrupt.tensor")
     _choice(cfg.fault.rebuild, ("init", "checkpoint", "checkfree"), "fault.rebuild")
+    _choice(cfg.runtime.backend, BACKENDS, "runtime.backend")
+    _choice(cfg.ray.placement_strategy, PLACEMENT_STRATEGIES, "ray.placement_strategy")
 
 
 def _check_numbers(cfg: Config) -> None:
@@ -464,6 +541,9 @@ def _check_numbers(cfg: Config) -> None:
     _positive(cfg.train.loss_scale_window, "train.loss_scale_window", "e.g. train.loss_scale_window=200")
     if not (math.isfinite(cfg.fault.heartbeat_s) and cfg.fault.heartbeat_s > 0):
         raise ConfigError(f"fault.heartbeat_s={cfg.fault.heartbeat_s} must be a number of seconds > 0, e.g. 2.0")
+    if cfg.checkpoint.every > 0 and cfg.verify.level == "off":
+        raise ConfigError(f"checkpoint.every={cfg.checkpoint.every} needs the ledger (a checkpoint carries its hashes) "
+                          "and verify.level=off keeps none; set verify.level=states, or checkpoint.every=0")
     if cfg.run.resume and cfg.run.overwrite:
         raise ConfigError("run.resume=true and run.overwrite=true contradict each other; pass one of them")
     if cfg.train.steps < 0:
@@ -515,6 +595,14 @@ def _check_fault(cfg: Config) -> None:
         raise ConfigError("fault.error needs both step and node, e.g. fault.error.step=2 fault.error.node=n1")
     if (cfg.fault.corrupt.step is None) != (cfg.fault.corrupt.node is None):
         raise ConfigError("fault.corrupt needs both step and node, e.g. fault.corrupt.step=7 fault.corrupt.node=n2")
+    injected = [key for key, on in (("fault.kill", cfg.fault.kill.step is not None),
+                                    ("fault.error", cfg.fault.error.step is not None),
+                                    ("fault.corrupt", cfg.fault.corrupt.step is not None),
+                                    ("fault.slow_nodes", bool(cfg.fault.slow_nodes)),
+                                    ("fault.slow_links", bool(cfg.fault.slow_links))) if on]
+    if injected and cfg.launcher == "inprocess":
+        raise ConfigError(f"{', '.join(injected)} inject faults into worker processes and launcher=inprocess "
+                          "has none; set launcher=local (or launcher=ray)")
 
 
 def _check_run(cfg: Config) -> None:

@@ -46,6 +46,11 @@ def test_resolved_config_round_trips(tmp_path):
     (["fault.slow_links_from=-1"], ["fault.slow_links_from=-1 must be a step >= 0"]),
     (["train.eval_every=-2"], ["train.eval_every=-2 must be >= 0", "0: validate only at the end"]),
     (["run.log_level=loud"], ["run.log_level", "warning"]),
+    (["runtime.backend=mpi"], ["runtime.backend='mpi'", "gloo"]),
+    (["ray.placement_strategy=spread"], ["ray.placement_strategy", "SPREAD"]),
+    (["fault.kill.step=1", "fault.kill.node=n2"], ["fault.kill inject faults", "launcher=local"]),
+    (["fault.slow_nodes.n1=3", "launcher=inprocess"], ["fault.slow_nodes", "launcher=inprocess has none"]),
+    (["checkpoint.every=2", "verify.level=off"], ["checkpoint.every=2 needs the ledger", "verify.level=states"]),
 ])
 def test_bad_values_name_key_and_fix(overrides, words):
     with pytest.raises(ConfigError) as err:
@@ -54,6 +59,34 @@ def test_bad_values_name_key_and_fix(overrides, words):
     assert "\n" not in message
     for word in words:
         assert word in message
+
+
+# one value out of range for every key of config._RANGES (a new key needs a case here)
+OUT_OF_RANGE = {
+    "model.init_std": 0, "model.norm_eps": -1e-6, "model.rope_theta": 0, "data.bpe_vocab_size": 0,
+    "data.max_corpus_mb": 0, "train.min_lr_ratio": 1.5, "train.warmup_steps": -1, "train.lr_steps": 0,
+    "train.weight_decay": -0.1, "train.beta1": 1.0, "train.beta2": -0.5, "train.eps": 0, "train.grad_clip": "nan",
+    "train.eval_batches": 0, "schedule.max_swaps": -1, "schedule.max_swap_distance": -1, "schedule.max_jump": 0,
+    "schedule.replan_every": -3, "schedule.search_budget_s": 0, "schedule.allocation_budget_s": -1,
+    "cost.fwd_s_per_sample_layer": -0.01, "cost.flops_per_s": 0, "cost.bwd_factor": -1, "cost.loss_factor": "inf",
+    "cost.message_overhead_s": -0.35, "cost.bytes_per_element": 0, "cost.measured_ewma": 1.5,
+    "tracking.log_every": 0, "checkpoint.every": -1, "checkpoint.keep": 0, "fault.slow_threshold": 1.0,
+    "runtime.master_port": 70000, "ray.num_cpus_per_worker": 0,
+}
+
+
+def test_out_of_range_numbers_name_the_key_the_range_and_the_default():
+    from skippipe.config import _RANGES
+
+    assert set(OUT_OF_RANGE) == set(_RANGES)
+    for key, bad in OUT_OF_RANGE.items():
+        with pytest.raises(ConfigError) as err:
+            load_config(None, [f"{key}={bad}"])
+        message = str(err.value)
+        assert message.startswith(f"{key}=") and "must be" in message and "the default is" in message, message
+    # the edges that are allowed
+    load_config(None, ["train.grad_clip=0", "train.min_lr_ratio=1", "schedule.max_swaps=0", "cost.bwd_factor=0",
+                       "train.lr_steps=null", "runtime.master_port=65535"])
 
 
 def test_missing_config_file():

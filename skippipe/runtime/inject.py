@@ -15,6 +15,8 @@ from typing import Callable
 
 import torch
 
+from skippipe.errors import UserError
+
 
 def slow_links_at(fault, step: int, names) -> Callable[[str, str], float]:
     """The ``LinkModel.factor`` of ``step``: ``fault.slow_links`` between ``slow_links_from`` and
@@ -72,4 +74,10 @@ class FaultInjector:
             return None
         from skippipe.verify.ops import perturb_output_hook
 
-        return stage.get_submodule(self.fault.corrupt.op).register_forward_hook(perturb_output_hook)
+        try:
+            module = stage.get_submodule(self.fault.corrupt.op)
+        except AttributeError:
+            names = ", ".join(name for name, _ in stage.named_modules() if name.count(".") == 2 and ".0." in name)
+            raise UserError(f"fault.corrupt.op={self.fault.corrupt.op!r} is not a module of node {self.me}'s stage; "
+                            f"name one such as {names}") from None
+        return module.register_forward_hook(perturb_output_hook)
