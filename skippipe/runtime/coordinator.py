@@ -256,8 +256,7 @@ class Coordinator:
         return step + 1
 
     def _loop(self, planner, executor, data, spec, metrics, routes, out: Path) -> Dict[str, Any]:
-        """The steps (each redone on failure), their records written while the next one runs; then
-        :meth:`_finish`."""
+        """The steps (each redone on failure), their records written while the next one runs; then :meth:`_finish`."""
         from skippipe.metrics import Progress
         from skippipe.train.optim import lr_at
 
@@ -269,8 +268,7 @@ class Coordinator:
         bar = Progress(cfg.train.steps, cfg.tracking.progress, cfg.tracking.log_every)
         monitor = self.monitor = FaultMonitor(cfg, executor.membership, topology_path=out / "topology.yaml")
         self.predictor = Predictor()
-        generation = 0
-        checkpoint = None  # a checkpoint of the last step's state, written with the next command
+        generation, checkpoint = 0, None  # checkpoint: of the last step's state, written with the next command
         self._cpu_mark = time.process_time()  # this process's CPU per step goes to routes.jsonl (benchmarks)
         pending: List[Callable[[], None]] = []  # the last step's logging, done while the next step runs
         predicted: Dict[str, Optional[float]] = {}
@@ -307,7 +305,9 @@ class Coordinator:
                                            predicted.pop("s", None), step_tokens)
                 plan = self._as_recorded(plan, outcome, loss_scale)
                 pending.append(partial(self._log_step, metrics, routes, bar, record, plan, outcome,
-                                       monitor.generation, warm, (data, spec, len(planner.allocation), snapshot)))
+                                       monitor.generation, warm))
+                if snapshot:  # validated after the step's line, while the next step runs
+                    pending.append(partial(validate_snapshot, cfg, metrics, data, spec, planner, snapshot, step))
         finally:  # the last step's line (also when a step failed for good)
             while pending:
                 pending.pop(0)()
@@ -378,19 +378,14 @@ class Coordinator:
 
 
     def _log_step(self, metrics, routes, bar, record: Dict[str, Any], plan: Plan, outcome: StepOutcome,
-                  generation: int, warm: bool, validation: tuple = (None, None, 0, None)) -> None:
-        """One step's metrics line, route log entry (with this process's CPU since the last) and progress;
-        then, with ``train.eval_every``, the validation of the snapshot the step's command asked for
-        (``validation``: data, spec, stages, snapshot directory or None)."""
+                  generation: int, warm: bool) -> None:
+        """One step's metrics line, route log entry (with this process's CPU since the last) and progress."""
         metrics.log(record)
         cpu_now = time.process_time()
         routes.record(record["step"], plan, generation=generation, timings=step_timings(outcome) or None,
                       iter_s=record["time/iter_s"], warm=warm, coordinator_cpu_s=cpu_now - self._cpu_mark)
         self._cpu_mark = cpu_now
         bar.update(record)
-        data, spec, num_stages, snapshot = validation
-        if snapshot:
-            validate_snapshot(self.cfg, metrics, data, spec, num_stages, snapshot, record["step"])
 
     def _record(self, step: int, plan: Plan, outcome: StepOutcome, executor, checkpoint: Optional[dict]) -> None:
         """Ledger leaves of this step (and the deferred state of the last), and the checkpoint the
@@ -410,14 +405,14 @@ def snapshot_dir(cfg: Config, out: Path, step: int) -> Optional[str]:
     return str(out / "eval" / f"step{step}") if every > 0 and step > 0 and step % every == 0 else None
 
 
-def validate_snapshot(cfg: Config, metrics, data, spec, num_stages: int, snapshot: str, step: int) -> None:
+def validate_snapshot(cfg: Config, metrics, data, spec, planner, snapshot: str, step: int) -> None:
     """The validation loss of a snapshot: ``loss/val`` and ``ppl/val`` at ``step`` (after that many
     steps, as the final line's is after ``train.steps``); the snapshot is removed after."""
     import shutil
 
     from skippipe.train.evaluate import evaluate, load_stages
 
-    stages = load_stages(Path(snapshot), spec, num_stages, cfg.run.seed, allow_missing=True)
+    stages = load_stages(Path(snapshot), spec, len(planner.allocation), cfg.run.seed, allow_missing=True)
     val = evaluate(stages, data.val_batches(cfg.train.eval_batches, cfg.train.samples_per_microbatch, spec.seq_len))
     metrics.log({"step": step, "loss/val": val, "ppl/val": math.exp(val)})
     shutil.rmtree(snapshot, ignore_errors=True)

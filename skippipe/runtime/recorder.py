@@ -182,14 +182,16 @@ def find_resume_point(out: Path) -> Optional[int]:
 
 
 def truncate_jsonl(path: Path, last_step: int) -> None:
-    """Keep the lines of steps <= ``last_step`` (resume continues after them) but the final summary
-    (``time/wall_s`` with ``loss/val``; periodic validation lines stay); atomic."""
+    """Keep the lines of steps <= ``last_step``, atomically: resume continues after them. A validation
+    line's step counts the steps before it, so the one of ``last_step + 1`` (the checkpoint's own
+    parameters) is redone by the resumed run, and the final summary (step ``train.steps`` >
+    ``last_step``) goes too."""
     if not path.is_file():
         return
     from skippipe.fileio import write_text_atomic
 
     records = [(line, json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line, r in records if r.get("step", 0) <= last_step and not ("loss/val" in r and "time/wall_s" in r)]
+    kept = [line for line, r in records if r.get("step", 0) <= last_step]
     write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
