@@ -100,8 +100,12 @@ class NodeStep:
         elapsed, cpu = time.perf_counter() - t0, time.thread_time() - c0
         slowdown = self.w.faults.slowdown
         if slowdown != 1.0:  # fault.slow_nodes: emulate a slower device
-            time.sleep(elapsed * (slowdown - 1.0))
-            elapsed *= slowdown
+            # the work takes `slowdown` times as long: on a CPU its own cost is this thread's CPU time
+            # (the wall time also holds the waits for other processes on shared cores, which a slower
+            # device would not multiply); on an accelerator the wall time is the work
+            work = cpu if self.w.device.type == "cpu" else elapsed
+            time.sleep(work * (slowdown - 1.0))
+            elapsed += work * (slowdown - 1.0)
             cpu *= slowdown
         self.times.compute_s[phase] += elapsed
         self.times.cpu_s[phase] += cpu if self.w.device.type == "cpu" else elapsed
