@@ -46,6 +46,7 @@ def main(argv) -> int:
     from skippipe.runtime.worker import WorkerEnv, run_worker
 
     config, overrides = split_config_arg(argv)
+    overrides = [*overrides, "launcher=local"]  # torchrun starts the worker processes (faults are injected there)
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     if restart:  # torchrun restarted the group after a failure: continue from the last verified checkpoint
         overrides += ["run.resume=true", "run.overwrite=false"]  # resume what the first attempt started

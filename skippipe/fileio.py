@@ -10,13 +10,27 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from skippipe.errors import UserError
+
+
+def ensure_dir(path: Path) -> Path:
+    """``path`` as a directory (created with its parents), or a one-line error when a file is in the way."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"'{path}' cannot be a directory: a file is in the way; give another path") from None
+    return path
+
 
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """A temporary path beside ``path`` (same suffix, so writers that pick a format from it work)
     to write to; on leaving the block it is fsynced and renamed onto ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise UserError(f"'{path}' is a directory; give the path of a file to write")
+    ensure_dir(path.parent)
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
     try:
         yield tmp

@@ -21,7 +21,7 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from skippipe.fileio import atomic_path
+from skippipe.fileio import atomic_path, ensure_dir
 from skippipe.gantt import draw_events, node_rows, phase_legend, stage_separators
 from skippipe.runfiles import read_jsonl, read_metrics, read_run_config
 
@@ -40,7 +40,7 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(path.parent)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100)

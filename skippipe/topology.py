@@ -136,10 +136,15 @@ class Topology:
     def from_dict(cls, data: Any, origin: str = "topology", base_dir: Optional[Path] = None) -> "Topology":
         if not isinstance(data, dict):
             raise TopologyError(f"{origin}: must be a mapping with 'regions' and 'nodes' or 'generate'")
+        unknown = sorted(set(data) - {"regions", "nodes", "generate"})
+        if unknown:
+            raise TopologyError(f"{origin}: unknown key '{unknown[0]}'; a topology has regions, and nodes or generate")
         regions = _regions_from(data.get("regions"), origin, base_dir)
         if data.get("nodes") is not None:
             nodes = _nodes_from(data["nodes"], origin)
         elif data.get("generate") is not None:
+            if not isinstance(data["generate"], dict):
+                raise TopologyError(f"{origin}: 'generate' must be a mapping, e.g. {{count: 20, placement: round_robin}}")
             gen = dict(data["generate"])
             if gen.get("regions_file") and data.get("regions") is None:
                 regions = _regions_from(gen["regions_file"], origin, base_dir)
@@ -197,6 +202,9 @@ def _regions_from(regions: Any, origin: str, base_dir: Optional[Path]) -> Dict[s
     for key in ("names", "latency_ms", "bandwidth_gbps"):
         if key not in regions:
             raise TopologyError(f"{origin}: regions lack '{key}'")
+    unknown = sorted(set(regions) - {"names", "latency_ms", "bandwidth_gbps"})
+    if unknown:
+        raise TopologyError(f"{origin}: regions.{unknown[0]} is not a key; regions hold names, latency_ms and bandwidth_gbps")
     return regions
 
 
@@ -215,6 +223,11 @@ def _check_regions(names: List[str], latency_ms: np.ndarray, bandwidth_gbps: np.
     if len(set(names)) != len(names):
         raise TopologyError(f"{origin}: regions.names has duplicates")
     for key, matrix in (("latency_ms", latency_ms), ("bandwidth_gbps", bandwidth_gbps)):
+        odd = np.argwhere(~np.isfinite(matrix))
+        if len(odd):
+            i, j = odd[0]
+            raise TopologyError(f"{origin}: regions.{key}[{names[i]}][{names[j]}]={matrix[i, j]:g} "
+                                "must be a finite number")
         bad = np.argwhere(~np.isclose(matrix, matrix.T, rtol=1e-6, atol=1e-12))
         if len(bad):
             i, j = bad[0]

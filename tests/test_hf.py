@@ -103,6 +103,11 @@ def test_train_export_and_reload_in_transformers(hf_dir, tmp_path):
     assert main(["export", str(run), "--hf", str(out)]) == 2
     assert (out / "model.safetensors").read_bytes() == before
     assert main(["export", str(run), "--hf", str(out), "--force"]) == 0
+    # --force never replaces the run itself, a folder inside it or one holding it, nor a file
+    files = sorted(p.relative_to(run) for p in run.rglob("*"))
+    for target in (run, run / "final", tmp_path, run / "config.yaml"):
+        assert main(["export", str(run), "--hf", str(target), "--force"]) == 2
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == files
 
 
 def test_hf_tokenizer_is_used_and_shipped(tmp_path):

@@ -104,3 +104,17 @@ def test_bad_plan_file_format(tmp_path, capsys):
     p.write_text(json.dumps({"format": "other"}))
     assert main(["simulate", str(p)]) == 2
     assert "'format' must be" in capsys.readouterr().err
+
+
+def test_output_paths_in_the_way_are_one_line_errors(tmp_path, capsys):
+    """--out naming a directory, --gantt with a format matplotlib cannot write, and plot --out on a
+    file: exit 2 with one line, nothing replaced."""
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "afile").write_text("keep")
+    for args, words in ((["--out", str(tmp_path / "adir")], "is a directory"),
+                        (["--gantt", str(tmp_path / "g.txt")], "give a .png, .svg or .pdf path"),
+                        (["--out", str(tmp_path / "afile" / "p.json")], "a file is in the way")):
+        assert main(["plan", *SMALL, *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert words in err and len(err.splitlines()) == 1, err
+    assert (tmp_path / "afile").read_text() == "keep" and not any((tmp_path / "adir").iterdir())

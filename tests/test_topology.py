@@ -55,7 +55,19 @@ BAD = {
     "asymmetric": ("latency_ms: [[1, 80], [70, 1]]", "asymmetric"),
     "nonsquare": ("latency_ms: [[1, 80, 3], [80, 1, 3]]", "not a square"),
     "negative_bw": ("latency_ms: [[1, 80], [80, 1]]\n  bandwidth_gbps: [[17, -0.1], [-0.1, 17]]", "must be positive"),
+    "nan_latency": ("latency_ms: [[1, 80], [80, .nan]]", "=nan must be a finite number"),
+    "inf_bw": ("latency_ms: [[1, 80], [80, 1]]\n  bandwidth_gbps: [[.inf, 1], [1, 17]]", "must be a finite number"),
+    "misspelt_key": ("latency_ms: [[1, 80], [80, 1]]\n  bandwith_gbps: 3", "regions.bandwith_gbps is not a key"),
 }
+
+
+@pytest.mark.parametrize("text, expect", [
+    ("links: []\nnodes:\n  - {name: n0, region: local}\n", "unknown key 'links'"),
+    ("generate: 5\n", "'generate' must be a mapping"),
+])
+def test_bad_topology_structure_is_one_line(tmp_path, text, expect):
+    with pytest.raises(TopologyError, match=expect):
+        Topology.from_yaml(_write(tmp_path, text))
 
 
 @pytest.mark.parametrize("case", sorted(BAD))

@@ -50,7 +50,12 @@ def export_run(run: str, out: str, force: bool = False) -> Path:
     cfg = read_run_config(run_dir)
     if not (run_dir / "final").is_dir():
         raise UserError(f"'{run_dir / 'final'}' does not exist: the run has not finished; export reads its final stages")
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+    if target.exists() and not target.is_dir():
+        raise UserError(f"--hf {out}: is a file; give a directory for the checkpoint")
+    if _overlaps(target, run_dir):
+        raise UserError(f"--hf {out}: overlaps the run directory {run_dir} (replacing it would delete the run); "
+                        "give a directory outside the run")
+    if target.exists() and any(target.iterdir()):
         if not force:
             raise UserError(f"--hf {out}: already exists and is not empty; choose another directory or pass --force")
     data = load_data(cfg.data)
@@ -58,6 +63,12 @@ def export_run(run: str, out: str, force: bool = False) -> Path:
     stages = load_stages(run_dir / "final", spec, num_stages(cfg), cfg.run.seed)
     base = hf.read_hf_config(cfg.model.hf_path) if cfg.model.hf_path else None
     return hf.write_hf_checkpoint(stages, spec, target, base, tokenizer_files(cfg, data))
+
+
+def _overlaps(target: Path, run_dir: Path) -> bool:
+    """Is ``target`` the run directory, inside it, or above it?"""
+    a, b = target.resolve(), run_dir.resolve()
+    return a == b or b in a.parents or a in b.parents
 
 
 def run(args) -> int:

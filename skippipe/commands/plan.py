@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 from skippipe.config import METHODS, load_config
+from skippipe.errors import UserError
 
 
 def add_arguments(parser) -> None:
@@ -94,6 +96,8 @@ def summary(results: dict) -> dict:
 def run(args) -> int:
     config, overrides = _split(args)
     cfg = load_config(config, overrides)
+    if args.gantt and Path(args.gantt).suffix.lower() not in (".png", ".svg", ".pdf"):
+        raise UserError(f"--gantt {args.gantt}: give a .png, .svg or .pdf path (the format follows the suffix)")
     results = compare_methods(cfg)
     methods = summary(results)
     plan, timeline, _ = results[cfg.schedule.method]
