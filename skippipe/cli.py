@@ -44,10 +44,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(argv: Optional[List[str]]) -> argparse.Namespace:
+    """The arguments, with options anywhere: ``plan CFG --json key=v`` as ``plan CFG key=v --json``
+    (argparse stops filling positionals at the first option; the words after it go to the config
+    while it is unset, then to the overrides)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and not any(word.startswith("-") for word in extra):
+        if getattr(args, "config", "set") is None and "=" not in extra[0]:
+            args.config, extra = extra[0], extra[1:]
+        args.overrides, extra = [*args.overrides, *extra], []
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        args = build_parser().parse_args(argv)
+        args = parse(argv)
         return int(args._module.run(args) or 0)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

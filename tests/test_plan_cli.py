@@ -118,3 +118,17 @@ def test_output_paths_in_the_way_are_one_line_errors(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert words in err and len(err.splitlines()) == 1, err
     assert (tmp_path / "afile").read_text() == "keep" and not any((tmp_path / "adir").iterdir())
+
+
+def test_options_may_come_between_the_config_and_the_overrides(capsys):
+    """``plan --json CFG key=v`` and ``plan CFG --json key=v`` read as ``plan CFG key=v --json``."""
+    outputs = []
+    for argv in (["configs/tiny.yaml", *SMALL, "schedule.seed=3", "--json"],
+                 ["--json", "configs/tiny.yaml", *SMALL, "schedule.seed=3"],
+                 ["configs/tiny.yaml", "--json", *SMALL, "schedule.seed=3"]):
+        assert main(["plan", *argv]) == 0
+        outputs.append(json.loads(capsys.readouterr().out))
+    for out in outputs:
+        out["methods"] = {m: {k: v for k, v in r.items() if "time_s" not in k} for m, r in out["methods"].items()}
+    assert outputs[0]["config"] == "configs/tiny.yaml" and outputs[1] == outputs[0] and outputs[2] == outputs[0]
+    assert main(["plan", "configs/tiny.yaml", "--json", "--bogus"]) == 2
