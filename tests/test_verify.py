@@ -164,3 +164,26 @@ def test_resume_with_more_steps_extends_the_run_on_its_lr_schedule(tmp_path, cap
 
 def metrics_of(run):
     return [json.loads(x) for x in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_changed_final_model_is_caught_by_verify_eval_and_export(honest, tmp_path, capsys):
+    """final/stage<k>.pt carries its tensor digests beside it: a byte changed after the run makes
+    verify fail (check final) and eval refuse with one line, instead of using the damaged weights."""
+    import shutil
+
+    import torch
+
+    run = tmp_path / "run"
+    shutil.copytree(honest, run)
+    code, report = verify(capsys, run, "--no-replay")
+    assert code == 0 and report["ok"] and len(list((run / "final").glob("stage*.digests.json"))) == 4
+    path = run / "final" / "stage2.pt"
+    tensors = torch.load(path, weights_only=True)
+    name = sorted(tensors)[0]
+    tensors[name].view(-1)[0] += 1e-3
+    torch.save(tensors, path)
+    code, report = verify(capsys, run, "--no-replay")
+    assert code == 1 and report["check"] == "final" and f"tensor {name} differs" in report["message"]
+    assert main(["eval", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "stage2.pt' does not match 'stage2.digests.json'" in err and len(err.splitlines()) == 1

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from skippipe.errors import UserError, VerificationFailed
-from skippipe.verify.checkpoint import check_checkpoint, list_checkpoints, verify_checkpoint
+from skippipe.verify.checkpoint import check_checkpoint, final_model_problem, list_checkpoints, verify_checkpoint
 from skippipe.verify.compare import describe_leaf, diff_leaves, differing_stages, first_divergent_step
 from skippipe.verify.ledger import (
     Ledger,
@@ -121,9 +121,14 @@ def verify_run(run_dir: Path, replay: bool = True) -> dict:
         if problem:
             return _fail(result, "checkpoint", problem.message, step=problem.step, leaf=problem.leaf,
                          stage=problem.stage)
+    finals, problem = final_model_problem(run_dir)
+    if problem:
+        return _fail(result, "final", problem)
     result["lines"].append(f"ledger: chain of {n} steps and every step's Merkle roots are consistent")
     result["lines"].append(f"checkpoints: {len(checkpoints)} verified against their manifests and the ledger"
                            + (f" (steps {', '.join(map(str, checkpoints))})" if checkpoints else ""))
+    if finals:
+        result["lines"].append(f"final model: {finals} stage files match the digests the run wrote beside them")
     integrity = ("integrity only: the ledger is internally consistent and every checkpoint matches it; "
                  "the computation was not recomputed")
     replay_fn = load_replay() if replay else None

@@ -48,12 +48,15 @@ def load_checkpoint(stage, optimizer, stage_id: int, directory: str) -> None:
 
 def save_final(stages: Dict[int, Any], target: Path) -> None:
     """The stages' parameters (tensors only: they load with ``torch.load(weights_only=True)``)
-    as ``target/stage<k>.pt``, for evaluation and export."""
-    from skippipe.verify.checkpoint import save_tensors_atomic
+    as ``target/stage<k>.pt``, for evaluation and export, each with its tensor digests beside it
+    (``stage<k>.digests.json``: loading checks them, so a damaged file is never used)."""
+    from skippipe.verify.checkpoint import save_tensors_atomic, write_stage_digests
 
     target.mkdir(parents=True, exist_ok=True)
     for k, stage in stages.items():
-        save_tensors_atomic(target / f"stage{k}.pt", stage.state_dict())
+        tensors = stage.state_dict()
+        save_tensors_atomic(target / f"stage{k}.pt", tensors)
+        write_stage_digests(target / f"stage{k}.pt", tensors)
 
 
 def replica_sync_tensors(stage, optimizer) -> List[torch.Tensor]:

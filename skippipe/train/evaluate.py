@@ -28,6 +28,8 @@ def load_stages(directory: Path, spec, num_stages: int, seed: int = 0,
 
     ``allow_missing``: leave out non-zero stages that have no file (a stage that lost every replica
     during training and was never replaced); paths then skip them, as training did."""
+    from skippipe.verify.checkpoint import stage_file_problem
+
     stages = build_stages(spec, num_stages, seed)
     for k, stage in list(stages.items()):
         path = Path(directory) / f"stage{k}.pt"
@@ -41,4 +43,7 @@ def load_stages(directory: Path, spec, num_stages: int, seed: int = 0,
             stage.load_state_dict(state)
         except Exception as err:
             raise UserError(f"'{path}' is not a stage checkpoint of this model: {str(err).splitlines()[0]}") from None
+        problem = stage_file_problem(path, state)
+        if problem:
+            raise UserError(f"{problem}; restore the file from a copy, or train the run again")
     return stages

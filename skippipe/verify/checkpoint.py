@@ -49,6 +49,46 @@ def tensor_digests(tensors: Dict[str, torch.Tensor]) -> Dict[str, str]:
     return {name: tensor_digest(name, t) for name, t in sorted(tensors.items())}
 
 
+def digests_path(stage_file) -> Path:
+    """``stage<k>.pt`` -> ``stage<k>.digests.json`` (the final model's and snapshots' own manifest)."""
+    return Path(stage_file).with_suffix(".digests.json")
+
+
+def write_stage_digests(stage_file, tensors: Dict[str, torch.Tensor]) -> None:
+    write_text_atomic(digests_path(stage_file), json.dumps({"format": FORMAT, "tensors": tensor_digests(tensors)},
+                                                           indent=1) + "\n")
+
+
+def stage_file_problem(stage_file, tensors: Dict[str, torch.Tensor]) -> Optional[str]:
+    """Why the loaded ``tensors`` are not what was written to ``stage_file`` (its digests file
+    disagrees or cannot be read), or None; a file written before digests existed has none to check."""
+    path = digests_path(stage_file)
+    if not path.is_file():
+        return None
+    try:
+        expected = json.loads(path.read_text())["tensors"]
+    except (ValueError, KeyError, TypeError):
+        return f"'{path}' cannot be read (truncated?)"
+    actual = tensor_digests(tensors)
+    wrong = sorted(name for name in set(expected) | set(actual) if expected.get(name) != actual.get(name))
+    if wrong:
+        return f"'{stage_file}' does not match '{path.name}' (tensor {wrong[0]} differs): the file changed after the run wrote it"
+    return None
+
+
+def final_model_problem(run_dir) -> Tuple[int, Optional[str]]:
+    """(stage files checked, why one of ``run_dir/final`` is not what the run wrote, or None)."""
+    files = sorted((Path(run_dir) / "final").glob("stage*.pt"))
+    for path in files:
+        try:
+            problem = stage_file_problem(path, load_stage_file(path))
+        except ValueError as err:
+            problem = f"'{path}' {err}"
+        if problem:
+            return len(files), problem
+    return len(files), None
+
+
 def write_manifest(ckpt_dir, step: int, chain: str, files: Dict[str, dict]) -> Path:
     """Write ``ckpt_dir/manifest.json`` atomically; ``files`` = {"stage<k>.pt": {"node", "tensors"}}."""
     path = Path(ckpt_dir) / "manifest.json"
