@@ -75,4 +75,10 @@ def read_run_config(run_dir: Path, need_topology: bool = False):
                             "run this from the directory the run was started in")
         data["topology"]["file"] = None
     (data.get("schedule") or {})["routes_from"] = None
-    return from_dict(data)
+    from skippipe.config import ConfigError
+
+    try:
+        return from_dict(data)
+    except ConfigError as err:
+        message = str(err).removeprefix("saved config: ")
+        raise ConfigError(f"{run_dir / 'config.yaml'}: {message}") from None

@@ -36,12 +36,12 @@ def run(args) -> int:
         raise PlanError(f"{args.plan}: stages_visited={plan.stages_visited} < {least}, what "
                         f"schedule.skip_ratio={cfg.schedule.skip_ratio} allows for {plan.num_stages} stages; "
                         "pass the config the plan was made for")
-    check_plan(plan, PathRules.from_config(cfg.schedule))
     topology, _, cost = build_cost(cfg)
     missing = [n for n in plan.nodes() if n not in topology]
-    if missing:
+    if missing:  # before the rules: a node the topology lacks is the first thing wrong
         raise PlanError(f"{args.plan}: node '{missing[0]}' is not in the topology of the config "
                         f"({len(missing)} missing); pass the config the plan was made for")
+    check_plan(plan, PathRules.from_config(cfg.schedule))
     if cost.num_stages != plan.num_stages:
         cost.num_stages = plan.num_stages
         from skippipe.cost import split_layers
