@@ -189,6 +189,9 @@ def test_join_command_bad_input_is_one_line(capsys):
     cases = [(["--node", "n9", "--region", "eu", "--address", f"127.0.0.1:{port}"], "no Ray cluster answers"),
              (["--node", "bad name!", "--region", "eu"], "--node"),
              (["--node", "n9", "--region", "eu", "--speed", "0"], "--speed"),
+             (["--node", "n9", "--region", "eu", "--timeout", "-1"], "--timeout"),
+             (["--node", "n9", "--region", "eu", "--wait-start", "-1"], "--wait-start"),
+             (["--node", "n9", "--region", "eu", "--node-ip", "not.an.ip"], "--node-ip"),
              (["--region", "eu"], "--node")]
     for args, match in cases:
         assert main(["join", "somerun", *args]) == 2

@@ -16,7 +16,11 @@ node, 1 when ``--timeout`` passes first.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
+import math
+
+from skippipe.errors import UserError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,6 +43,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from skippipe.runtime.join import node_spec, request_join
 
+    for flag, value in (("--timeout", args.timeout), ("--wait-start", args.wait_start)):
+        if not math.isfinite(value) or value < 0 or (flag == "--timeout" and value == 0):
+            raise UserError(f"{flag} {value:g}: give seconds {'> 0' if flag == '--timeout' else '>= 0'}")
+    if args.node_ip is not None:
+        try:
+            ipaddress.ip_address(args.node_ip)
+        except ValueError:
+            raise UserError(f"--node-ip {args.node_ip}: give the Ray node's IP address, e.g. 10.0.0.5") from None
     spec = node_spec(args.node, args.region, args.speed, args.memory_gb, args.stage, args.node_ip)
     status = request_join(args.run, spec, address=args.address, wait=not args.no_wait, timeout_s=args.timeout,
                           wait_start_s=args.wait_start)

@@ -141,12 +141,17 @@ def load_stage_file(path) -> Dict[str, torch.Tensor]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated zip, foreign pickle, refused global: all one-line problems
-        raise ValueError(f"cannot be read as a checkpoint ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0][:120] if str(err) else 'no detail'})") from None
+        raise ValueError(f"cannot be read as a checkpoint ({type(err).__name__}: {_first_words(str(err))})") from None
     if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                              for k, v in data.items()):
         raise ValueError("is not a skippipe checkpoint (expected a flat {name: tensor} dict)")
     return data
+
+
+def _first_words(text: str, limit: int = 120) -> str:
+    """The first line of an error, cut at a word boundary (with "...") when longer than ``limit``."""
+    line = text.splitlines()[0] if text.strip() else "no detail"
+    return line if len(line) <= limit else line[:limit].rsplit(" ", 1)[0] + " ..."
 
 
 def _label(ckpt_dir: Path) -> str:
