@@ -10,13 +10,20 @@ from typing import Any, Dict, List
 
 
 def read_jsonl(path: Path) -> List[Dict[str, Any]]:
-    """Every complete JSON line of ``path`` (a torn last line from a crash is skipped)."""
+    """Every complete JSON line of ``path``: a torn last line (a crash while writing it) is skipped;
+    a damaged line before it is a one-line UserError naming the file and the line."""
+    from skippipe.errors import UserError
+
+    texts = [t for t in Path(path).read_text(encoding="utf-8").splitlines() if t.strip()]
     lines = []
-    for text in Path(path).read_text(encoding="utf-8").splitlines():
+    for number, text in enumerate(texts, 1):
         try:
             lines.append(json.loads(text))
         except json.JSONDecodeError:
-            continue
+            if number == len(texts):
+                break
+            raise UserError(f"'{path}' line {number} is not JSON (the file was damaged); "
+                            "restore it or cut the file before that line") from None
     return lines
 
 

@@ -132,3 +132,20 @@ def test_resume_truncation_keeps_the_steps_and_periodic_validations_up_to_the_ch
     truncate_jsonl(path, 3)
     kept = [json.loads(x) for x in path.read_text().splitlines()]
     assert [(m["step"], "loss/val" in m) for m in kept] == [(0, False), (1, False), (2, False), (2, True), (3, False)]
+
+
+def test_jsonl_readers_drop_a_torn_last_line_and_name_a_damaged_one(tmp_path):
+    """A crash mid-line leaves a torn last line: readers and the resume truncation skip it. A damaged
+    line before the last is a one-line error naming the file and the line, not silently skipped."""
+    from skippipe.errors import UserError
+    from skippipe.runfiles import read_jsonl
+    from skippipe.runtime.recorder import truncate_jsonl
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 0}\n{"step": 1}\n{"step": 2, "lo')
+    assert read_jsonl(path) == [{"step": 0}, {"step": 1}]
+    truncate_jsonl(path, 5)
+    assert path.read_text() == '{"step": 0}\n{"step": 1}\n'
+    path.write_text('{"step": 0}\ngarbage\n{"step": 2}\n')
+    with pytest.raises(UserError, match="metrics.jsonl' line 2 is not JSON"):
+        read_jsonl(path)

@@ -189,9 +189,11 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
     if not path.is_file():
         return
     from skippipe.fileio import write_text_atomic
+    from skippipe.runfiles import read_jsonl
 
-    records = [(line, json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line, r in records if r.get("step", 0) <= last_step]
+    texts = [line for line in path.read_text().splitlines() if line.strip()]
+    records = read_jsonl(path)  # a torn last line (the crash that made this a resume) is dropped
+    kept = [line for line, r in zip(texts, records) if r.get("step", 0) <= last_step]
     write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
