@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Optional
+from typing import List, Optional
 
 from skippipe.errors import UserError
 from skippipe.plan import PathRules, Plan, check_plan
 from skippipe.routelog import read_routes
 
 log = logging.getLogger(__name__)
+INCUMBENTS = 4  # earlier plans a re-plan starts from (Planner._remember)
 
 
 class Planner:
@@ -41,6 +42,7 @@ class Planner:
         self.rules = PathRules.from_config(cfg.schedule)
         self.replay = read_routes(cfg.schedule.routes_from) if cfg.schedule.routes_from else None
         self._plan: Optional[Plan] = None
+        self._recent: List[Plan] = []  # the last plans routed without probes, newest last
         self._planned_step = -1
         self.last_plan_s = 0.0
 
@@ -70,6 +72,14 @@ class Planner:
         self.invalidate()
         return stage
 
+    def _remember(self, plan: Plan) -> None:
+        """Keep the last :data:`INCUMBENTS` plans routed without probes: a re-plan starts from the
+        best of them under the costs of its time (``route``'s incumbents), so a later search from
+        another seed cannot lose a plan an earlier one found."""
+        if plan.extra.get("probe_links") or plan.extra.get("probe_nodes"):
+            return
+        self._recent = [p for p in self._recent if p.microbatches != plan.microbatches][-(INCUMBENTS - 1):] + [plan]
+
     def invalidate(self) -> None:
         self._plan = None
         self._first = None  # planned for another allocation or topology
@@ -94,8 +104,11 @@ class Planner:
             first, self._first = self._first, None
             if first is not None and step == 0 and self._pristine():
                 self._plan = first
+                self._remember(first)
             else:
-                self._plan = route(self.allocation, self.topology, self.cost, self.cfg, state=self.state, step=step)
+                self._plan = route(self.allocation, self.topology, self.cost, self.cfg, state=self.state, step=step,
+                                   incumbents=self._recent)
+                self._remember(self._plan)
             self.last_plan_s = time.perf_counter() - start
             check_plan(self._plan, self.rules, dead=sorted(self.state.dead))
             self._planned_step = step

@@ -335,3 +335,18 @@ def test_large_group_matching_bound_sees_forced_far_links():
     exact = bottleneck_matching(cost_s[np.ix_(x, y)])
     assert exact >= 100
     assert scorer.pair(x, y) == pytest.approx(exact)
+
+
+def test_a_replan_is_never_slower_than_an_earlier_plan_that_still_fits(geo):
+    """Each step's search has its own seed, so two searches of one problem may end apart; with the
+    earlier plans as incumbents the new one is no slower than the best of them (same costs), and an
+    incumbent through a node that has died is not used."""
+    cfg, topology, cost, allocation, _ = geo
+    earlier = [route(allocation, topology, cost, cfg, step=s) for s in range(1, 4)]
+    again = route(allocation, topology, cost, cfg, step=4, incumbents=earlier)
+    assert again.predicted_makespan_s <= min(p.predicted_makespan_s for p in earlier) + 1e-9
+    _executes_in_order(again, cost, cfg.schedule.memory)
+    dead = {allocation[1][0]}
+    plan = route(allocation, topology, cost, cfg, state=LiveState(dead=dead), step=5, incumbents=[again, *earlier])
+    assert not dead & set(plan.nodes())
+    check_plan(plan, PathRules.from_config(cfg.schedule), dead=sorted(dead))

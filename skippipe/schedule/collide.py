@@ -22,10 +22,10 @@ from __future__ import annotations
 import logging
 import random
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 from skippipe.errors import PlanError
-from skippipe.plan import Plan
+from skippipe.plan import Plan, path_rule_violation
 from skippipe.schedule.assemble import assemble, order_of
 from skippipe.schedule.baselines import paths_full_skipping, paths_nc
 from skippipe.schedule.place import Reservations, place
@@ -147,7 +147,7 @@ _SHARED_NODE_S = 1e3  # dedicated paths: cost of one microbatch already on a nod
 
 
 def route_skippipe(prob: Problem, rng: random.Random, num_stages: int, budget_s: float,
-                    effort_scale: float = 1.0) -> Plan:
+                    effort_scale: float = 1.0, incumbents: Sequence[Plan] = ()) -> Plan:
     """Collision-aware routing (TC2): greedy constructions, then a simulator-scored local search.
 
     Constructions: greedy insertion on the reservation table with a few insertion orders and
@@ -155,7 +155,9 @@ def route_skippipe(prob: Problem, rng: random.Random, num_stages: int, budget_s:
     ``full`` with the skipped stages dropped (at scale, where TC1 pushes the greedy paths onto far
     replicas, these region-coherent pipelines are the better start). The best of them under the
     simulator (readiness order) seeds the local search (``schedule.search.improve``). The result
-    is never slower than any construction, the ``skippipe_nc`` paths included.
+    is never slower than any construction, the ``skippipe_nc`` paths included, nor than the paths
+    of an ``incumbent`` (an earlier plan of this allocation that still fits the problem), costed
+    anew: a re-plan from another seed may not undo what an earlier search found.
     """
 
     deadline = time.perf_counter() + budget_s
@@ -164,7 +166,7 @@ def route_skippipe(prob: Problem, rng: random.Random, num_stages: int, budget_s:
     def build(paths, starts):
         return assemble(prob, "skippipe", num_stages, paths, starts)
 
-    candidates, capped = _constructions(prob, rng, effort, deadline, build)
+    candidates, capped = _constructions(prob, rng, effort, deadline, build, incumbents)
     log.debug("skippipe constructions: %s", [(c[5], round(c[0], 2)) for c in candidates])
     readiness = [c for c in candidates if c[4] is None]
     seed = min(readiness or candidates, key=lambda c: (c[0], c[1]))
@@ -190,7 +192,7 @@ def route_skippipe(prob: Problem, rng: random.Random, num_stages: int, budget_s:
 _GREEDY_WEIGHTS = (0.0, 0.05, 0.15, 0.3)  # busy-time weights of the greedy insertions, in turn
 
 
-def _constructions(prob: Problem, rng: random.Random, effort, deadline: float, build):
+def _constructions(prob: Problem, rng: random.Random, effort, deadline: float, build, incumbents=()):
     """The simulated constructions that may seed the search, and whether the deadline cut them short."""
     weights = _GREEDY_WEIGHTS
     candidates = []  # (makespan, index, paths, starts, node_order or None, tag)
@@ -224,7 +226,30 @@ def _constructions(prob: Problem, rng: random.Random, effort, deadline: float, b
         full_skip = paths_full_skipping(prob, balanced)
         if full_skip is not None:
             consider(full_skip, {}, tag=f"full-skip{'-balanced' if balanced else ''}")
+    for i, plan in enumerate(incumbents):
+        paths = incumbent_paths(prob, plan)
+        if paths is not None:
+            consider(paths, {}, tag=f"incumbent{i}")
+            if plan.node_order:
+                consider(paths, {}, plan.node_order, tag=f"incumbent{i}-ordered")
     return candidates, capped
+
+
+def incumbent_paths(prob: Problem, plan: Plan) -> Optional[Dict[int, List[str]]]:
+    """An earlier plan's paths by microbatch id, if they fit this problem: the same microbatches
+    and originators, every node live and the path rules kept (``prob.allowed``); else None."""
+    mine = {mb_id: orig for mb_id, orig, _ in prob.mbs}
+    if {mb.id: mb.originator for mb in plan.microbatches} != mine:
+        return None
+    live = {n for nodes in prob.live for n in nodes}
+    if any(n not in live for mb in plan.microbatches for n in mb.path):
+        return None
+    paths = {mb.id: list(mb.path) for mb in plan.microbatches}
+    stage_of = prob.stage_of
+    if any(path_rule_violation([stage_of[n] for n in path], len(prob.live), prob.visited, prob.rules)
+           for path in paths.values()):
+        return None
+    return paths
 
 
 def _search_from(prob: Problem, rng: random.Random, seed, effort, deadline: float, build):

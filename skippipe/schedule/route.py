@@ -11,7 +11,7 @@ link the coordinator asks to measure).
 from __future__ import annotations
 
 import random
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 from skippipe.errors import PlanError
 from skippipe.plan import Plan
@@ -26,11 +26,14 @@ __all__ = ["LiveState", "route"]
 
 
 def route(allocation: List[List[str]], topology, cost, params, state: Optional[LiveState] = None, step: int = 0,
-          method: Optional[str] = None, effort_scale: float = 1.0) -> Plan:
-    """A plan for one iteration (``params.method`` unless ``method``), deterministic in (seed, step).
+          method: Optional[str] = None, effort_scale: float = 1.0, incumbents: Sequence[Plan] = ()) -> Plan:
+    """A plan for one iteration (``params.method`` unless ``method``), deterministic in (seed, step)
+    and the ``incumbents``.
 
     ``params``: a :class:`SchedulerParams` or a Config. ``effort_scale`` scales the ``skippipe``
     search's evaluations (the allocation search ranks its finalists with a fraction).
+    ``incumbents``: earlier plans of this allocation; ``skippipe`` returns none slower than those
+    that still fit, under today's costs.
     """
     params = as_params(params)
     state = state or LiveState()
@@ -43,7 +46,7 @@ def route(allocation: List[List[str]], topology, cost, params, state: Optional[L
     prob = build_problem(allocation, cost, params, state, method)
     num_stages = len(allocation)
     if method == "skippipe":
-        plan = route_skippipe(prob, rng, num_stages, params.search_budget_s, effort_scale)
+        plan = route_skippipe(prob, rng, num_stages, params.search_budget_s, effort_scale, incumbents)
     else:
         makers = {"full": paths_full, "random_skip": paths_random, "skippipe_nc": paths_nc}
         if method not in makers:
