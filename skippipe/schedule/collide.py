@@ -237,7 +237,7 @@ def _constructions(prob: Problem, rng: random.Random, effort, deadline: float, b
 
 def incumbent_paths(prob: Problem, plan: Plan) -> Optional[Dict[int, List[str]]]:
     """An earlier plan's paths by microbatch id, if they fit this problem: the same microbatches
-    and originators, every node live and the path rules kept (``prob.allowed``); else None."""
+    and originators, every node live and the path rules kept (``path_rule_violation``); else None."""
     mine = {mb_id: orig for mb_id, orig, _ in prob.mbs}
     if {mb.id: mb.originator for mb in plan.microbatches} != mine:
         return None
