@@ -79,29 +79,19 @@ class Problem:
         return total + 2 * self.transfer(prev, orig)
 
 
-def microbatch_shares(total: int, live_originators: List[str], memory: int, times: Optional[List[float]] = None):
+def microbatch_shares(total: int, live_originators: List[str], memory: int, times: Optional[List[float]] = None,
+                      counts: Optional[Sequence[int]] = None):
     """(id, originator, wave) for the iteration's ``total`` microbatches.
 
     The count is fixed by the allocation (every stage-0 node x ``microbatches_per_originator``), not
     by how many originators are alive: after a failure the same ids are spread over the live
     originators, so each step trains the same microbatches as a run without the failure.
 
-    The shares follow the originators' speed (``times``: each one's stage-0 time per microbatch, as
-    measured or modelled): microbatch by microbatch, the next goes to the originator that would then
-    finish its share first (``(count + 1) x time``, ties to the earlier one). So a 5x slower
-    originator starts about a fifth as many, one slow enough starts none (its stage-0 replica still
-    takes part in the stage's gradient reduction), and equal times give the even split. Ids stay
-    originator-major (contiguous blocks); the wave is the position in an originator's block divided
-    by ``memory``.
+    ``counts``: how many each originator starts; without them, :func:`share_counts` of ``times``.
+    Ids stay originator-major (contiguous blocks); the wave is the position in an originator's
+    block divided by ``memory``.
     """
-    n = len(live_originators)
-    if times is None or max(times) <= min(times) * (1 + 1e-9):
-        counts = [(i + 1) * total // n - i * total // n for i in range(n)]
-    else:
-        counts = [0] * n
-        for _ in range(total):
-            best = min(range(n), key=lambda i: ((counts[i] + 1) * times[i], i))
-            counts[best] += 1
+    counts = list(counts) if counts is not None else share_counts(total, len(live_originators), times)
     out, start = [], 0
     for orig, count in zip(live_originators, counts):
         out.extend((mb_id, orig, j // memory) for j, mb_id in enumerate(range(start, start + count)))
@@ -109,12 +99,48 @@ def microbatch_shares(total: int, live_originators: List[str], memory: int, time
     return out
 
 
+def share_counts(total: int, n: int, times: Optional[List[float]] = None) -> Tuple[int, ...]:
+    """Microbatches per originator, following the originators' speed (``times``: each one's stage-0
+    time per microbatch, as measured or modelled): microbatch by microbatch, the next goes to the
+    originator that would then finish its share first (``(count + 1) x time``, ties to the earlier
+    one). So a 5x slower originator starts about a fifth as many, one slow enough starts none (its
+    stage-0 replica still takes part in the stage's gradient reduction), and equal times give the
+    even split."""
+    if times is None or max(times) <= min(times) * (1 + 1e-9):
+        return tuple((i + 1) * total // n - i * total // n for i in range(n))
+    counts = [0] * n
+    for _ in range(total):
+        best = min(range(n), key=lambda i: ((counts[i] + 1) * times[i], i))
+        counts[best] += 1
+    return tuple(counts)
+
+
+def share_options(prob: "Problem", total: int, incumbents: Sequence = ()) -> List[Tuple[int, ...]]:
+    """The shares a ``skippipe`` plan is routed with, best first by assumption: the speed-following
+    ones the problem was built with, the even split, and those of ``incumbents`` (earlier plans
+    with the same live originators). Stage-0 time alone does not say which is faster: an
+    originator also runs every loss and backward of its share at the end of their paths, and
+    measured times that are near a tie flip the greedy split (the hetero benchmark's
+    re-plan moved a microbatch to the originator that then ran 25% slower)."""
+    origs = prob.originators
+    options = [tuple(sum(1 for _, o, _ in prob.mbs if o == orig) for orig in origs),
+               share_counts(total, len(origs))]
+    for plan in incumbents:
+        mine = [mb.originator for mb in plan.microbatches]
+        if len(mine) == total and set(mine) <= set(origs):
+            options.append(tuple(mine.count(o) for o in origs))
+    return list(dict.fromkeys(options))
+
+
 def originator_times(originators: List[str], cost, slow: Dict[str, float]) -> List[float]:
     """Each originator's stage-0 time per microbatch: forward, loss and backward."""
     return [sum(cost.compute_s(o, 0, phase) for phase in ("F", "L", "B")) * slow.get(o, 1.0) for o in originators]
 
 
-def build_problem(allocation, cost, params: SchedulerParams, state: LiveState, method: str) -> Problem:
+def build_problem(allocation, cost, params: SchedulerParams, state: LiveState, method: str,
+                  counts: Optional[Sequence[int]] = None) -> Problem:
+    """The problem of one routing call; ``counts``: microbatches per live originator (default:
+    :func:`share_counts` of the originators' measured or modelled speed)."""
     dead = set(state.dead)
     live = [[n for n in nodes if n not in dead] for nodes in allocation]
     if not live[0]:
@@ -127,7 +153,7 @@ def build_problem(allocation, cost, params: SchedulerParams, state: LiveState, m
         visited = min(params.stages_visited(num_stages), 1 + live_nonzero)
     total = state.microbatches or len(allocation[0]) * params.microbatches_per_originator
     times = originator_times(live[0], cost, state.slowdown)
-    mbs = microbatch_shares(total, live[0], params.memory, times)
+    mbs = microbatch_shares(total, live[0], params.memory, times, counts)
     rules = params.rules
     stage_of = {n: k for k, nodes in enumerate(live) for n in nodes}
     return Problem(live, list(live[0]), mbs, visited, rules, params.memory, dict(state.slowdown), cost, stage_of)

@@ -20,7 +20,7 @@ from skippipe.schedule.baselines import paths_full, paths_nc, paths_random
 from skippipe.schedule.collide import route_skippipe
 from skippipe.schedule.params import as_params
 from skippipe.schedule.probe import include_links
-from skippipe.schedule.problem import LiveState, build_problem
+from skippipe.schedule.problem import LiveState, Problem, build_problem, share_options
 
 __all__ = ["LiveState", "route"]
 
@@ -41,12 +41,11 @@ def route(allocation: List[List[str]], topology, cost, params, state: Optional[L
     unknown = [n for nodes in allocation for n in nodes if n not in topology]
     if unknown:
         raise PlanError(f"allocation names node '{unknown[0]}' that is not in the topology")
-    seed = params.seed
-    rng = random.Random(f"{seed}:{step}:{method}")
+    rng = random.Random(f"{params.seed}:{step}:{method}")
     prob = build_problem(allocation, cost, params, state, method)
     num_stages = len(allocation)
     if method == "skippipe":
-        plan = route_skippipe(prob, rng, num_stages, params.search_budget_s, effort_scale, incumbents)
+        plan, prob = _best_shares(allocation, cost, params, state, prob, step, effort_scale, incumbents)
     else:
         makers = {"full": paths_full, "random_skip": paths_random, "skippipe_nc": paths_nc}
         if method not in makers:
@@ -55,3 +54,22 @@ def route(allocation: List[List[str]], topology, cost, params, state: Optional[L
     if state.probe_links or state.probe_nodes:
         return include_links(plan, prob, state.probe_links, state.probe_nodes)
     return plan
+
+
+def _best_shares(allocation, cost, params, state: LiveState, prob: Problem, step: int, effort_scale: float,
+                 incumbents: Sequence[Plan]):
+    """``route_skippipe`` once per microbatch share (``problem.share_options``: the speed-following
+    split, the even one, the incumbents'): the fastest plan and its problem (ties: the earlier
+    option). Every option searches from the same seed, so the result stays deterministic."""
+    options = share_options(prob, len(prob.mbs), incumbents)
+    best = None
+    for i, counts in enumerate(options):
+        trial = prob if i == 0 else build_problem(allocation, cost, params, state, "skippipe", counts)
+        rng = random.Random(f"{params.seed}:{step}:skippipe")
+        plan = route_skippipe(trial, rng, len(allocation), params.search_budget_s, effort_scale, incumbents)
+        if best is None or plan.predicted_makespan_s < best[0].predicted_makespan_s - 1e-12:
+            best = (plan, trial, i)
+    plan, prob, chosen = best
+    if len(options) > 1:
+        plan.extra["shares"] = {"options": [list(c) for c in options], "chosen": chosen}
+    return plan, prob
