@@ -185,3 +185,23 @@ def test_a_node_on_probation_gets_a_microbatch(tmp_path):
     check_plan(probed, PathRules.from_config(cfg.schedule))
     state.probe_nodes = {planner.allocation[0][0]}
     assert "probe_nodes" not in route(planner.allocation, planner.topology, planner.cost, cfg, state=state).extra
+
+
+def test_an_emulated_message_taken_late_keeps_the_links_times():
+    """A receiver busy past the emulated delivery takes the message without waiting: both parts
+    are still timed by the emulated link (the payload was timed by its real arrival, before the
+    emulated header: an infinite bandwidth)."""
+    import time
+
+    import torch
+
+    from skippipe.runtime.transport import LinkModel, Transport
+
+    nbytes = 1_000_000
+    links = LinkModel(lambda a, b: 0.060, lambda a, b: 6.25e6)  # 60 ms, 0.05 Gbit/s
+    transport = Transport(None, {"n0": 0, "n1": 1}, "n1", torch.device("cpu"), 5.0, links=links)
+    sent = time.time() - 10.0  # delivered long ago by the emulated link: no sleep
+    sample = transport._delivered("n0", sent, sent - 1.0, [sent + 1e-4, sent + 2e-4], nbytes)
+    assert sample.header_s == pytest.approx(0.060)
+    assert sample.payload_s == pytest.approx(0.060 + nbytes / 6.25e6)
+    assert link_estimates([sample])["n0"]["bytes_per_s"] == pytest.approx(6.25e6)
