@@ -421,14 +421,29 @@ def _at_least(low):
     return (lambda v: v >= low), f">= {low}"
 
 
-def _within(low, high, open_high: bool = False):
-    return ((lambda v: low <= v < high) if open_high else (lambda v: low <= v <= high),
-            f"in [{low}, {high}{')' if open_high else ']'}")
+def _within(low, high, open_high: bool = False, open_low: bool = False):
+    def test(v):
+        return (low < v if open_low else low <= v) and (v < high if open_high else v <= high)
+
+    return test, f"in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
 
 
 # key -> (test, what it must be, may it be null): the numeric ranges checked once at startup; the
-# error names the key, the range and the default
+# error names the key, the range, what a special value means (_RANGE_NOTES) and the default
 _RANGES = {
+    "train.lr": (*_above(0), False),
+    "train.steps": (*_at_least(0), False),
+    "train.eval_every": (*_at_least(0), False),
+    "train.samples_per_microbatch": (*_at_least(1), False),
+    "train.loss_scale": (*_above(0), False),
+    "train.loss_scale_window": (*_at_least(1), False),
+    "data.val_fraction": (*_within(0, 1, open_low=True, open_high=True), False),
+    "schedule.microbatches_per_originator": (*_at_least(1), False),
+    "schedule.memory": (*_at_least(1), True),
+    "runtime.timeout_s": (*_above(0), False),
+    "fault.heartbeat_s": (*_above(0), False),
+    "fault.probe_after": (*_at_least(0), False),
+    "fault.slow_until": (*_at_least(0), True),
     "model.init_std": (*_above(0), False),
     "model.norm_eps": (*_above(0), False),
     "model.rope_theta": (*_above(0), False),
@@ -463,6 +478,13 @@ _RANGES = {
     "runtime.master_port": (*_within(1, 65535), True),
     "ray.num_cpus_per_worker": (*_above(0), True),
 }
+_RANGE_NOTES = {
+    "train.eval_every": "0: validate only at the end",
+    "schedule.microbatches_per_originator": "every stage-0 node starts at least one microbatch per iteration",
+    "schedule.memory": "a node holds at least one microbatch; null: derive it from memory_gb",
+    "fault.probe_after": "0: never try a slow node again",
+    "fault.slow_until": "null: slow until the end",
+}
 
 
 def _check_ranges(cfg: Config) -> None:
@@ -474,7 +496,8 @@ def _check_ranges(cfg: Config) -> None:
             continue
         if value is None or isinstance(value, bool) or not math.isfinite(value) or not ok(value):
             default = _lookup(defaults, key)
-            raise ConfigError(f"{key}={value} must be {must}{' or null' if nullable else ''}; "
+            note = f" ({_RANGE_NOTES[key]})" if key in _RANGE_NOTES else ""
+            raise ConfigError(f"{key}={value} must be {must}{' or null' if nullable else ''}{note}; "
                               f"the default is {key}={'null' if default is None else default}")
 
 
@@ -490,8 +513,8 @@ def check_config(cfg: Config) -> None:
     from skippipe.model.presets import resolve_model_spec
 
     _check_choices(cfg)
-    _check_numbers(cfg)
     _check_ranges(cfg)
+    _check_numbers(cfg)
     stages = num_stages(cfg)
     _positive(stages, "schedule.num_stages")
     spec = resolve_model_spec(cfg.model)  # the shape; the vocabulary comes with the data
@@ -535,29 +558,12 @@ def _check_choices(cfg: Config) -> None:
 
 
 def _check_numbers(cfg: Config) -> None:
-    """The training, schedule and runtime numbers are in range, and resume and overwrite do not clash."""
-    _finite_positive(cfg.train.lr, "train.lr", "e.g. train.lr=3e-3")
-    _finite_positive(cfg.train.loss_scale, "train.loss_scale", "e.g. train.loss_scale=65536")
-    _positive(cfg.train.loss_scale_window, "train.loss_scale_window", "e.g. train.loss_scale_window=200")
-    if not (math.isfinite(cfg.fault.heartbeat_s) and cfg.fault.heartbeat_s > 0):
-        raise ConfigError(f"fault.heartbeat_s={cfg.fault.heartbeat_s} must be a number of seconds > 0, e.g. 2.0")
+    """Combinations of numbers that contradict each other (single ranges: :data:`_RANGES`)."""
     if cfg.checkpoint.every > 0 and cfg.verify.level == "off":
         raise ConfigError(f"checkpoint.every={cfg.checkpoint.every} needs the ledger (a checkpoint carries its hashes) "
                           "and verify.level=off keeps none; set verify.level=states, or checkpoint.every=0")
     if cfg.run.resume and cfg.run.overwrite:
         raise ConfigError("run.resume=true and run.overwrite=true contradict each other; pass one of them")
-    if cfg.train.steps < 0:
-        raise ConfigError(f"train.steps={cfg.train.steps} must be >= 0")
-    if cfg.train.eval_every < 0:
-        raise ConfigError(f"train.eval_every={cfg.train.eval_every} must be >= 0 (0: validate only at the end)")
-    _positive(cfg.train.samples_per_microbatch, "train.samples_per_microbatch")
-    _positive(cfg.schedule.microbatches_per_originator, "schedule.microbatches_per_originator",
-              "every stage-0 node starts at least one microbatch per iteration")
-    if cfg.schedule.memory is not None:
-        _positive(cfg.schedule.memory, "schedule.memory", "a node must hold at least one microbatch (null: derive it from memory_gb)")
-    _positive(cfg.runtime.timeout_s, "runtime.timeout_s")
-    if not 0.0 < cfg.data.val_fraction < 1.0:
-        raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be in (0, 1)")
     if any(size <= 0 for size in cfg.schedule.partition_sizes):
         raise ConfigError(f"schedule.partition_sizes={list(cfg.schedule.partition_sizes)} must be all > 0")
 
@@ -579,14 +585,10 @@ def _check_paths(cfg: Config) -> None:
 
 
 def _check_fault(cfg: Config) -> None:
-    """The fault injections are well formed: factors and steps in range, nodes and links named, pairs complete."""
+    """The fault injections are well formed: factors in range, nodes and links named, pairs complete."""
     for node, factor in cfg.fault.slow_nodes.items():
         if factor <= 0:
             raise ConfigError(f"fault.slow_nodes.{node}={factor} must be > 0 (5.0 means five times slower)")
-    if cfg.fault.probe_after < 0:
-        raise ConfigError(f"fault.probe_after={cfg.fault.probe_after} must be >= 0 (0: never try a slow node again)")
-    if cfg.fault.slow_until is not None and cfg.fault.slow_until < 0:
-        raise ConfigError(f"fault.slow_until={cfg.fault.slow_until} must be a step >= 0, or null for always")
     _check_fault_nodes(cfg)
     _check_slow_links(cfg)
     if (cfg.fault.kill.step is None) != (cfg.fault.kill.node is None):
@@ -616,11 +618,6 @@ def _check_run(cfg: Config) -> None:
     _positive(template.memory_gb, "ray.join_template.memory_gb")
     if cfg.run.name is not None and not re.fullmatch(r"[A-Za-z0-9._-]+", cfg.run.name):
         raise ConfigError(f"run.name={cfg.run.name!r} may hold only letters, digits, '.', '_' and '-'")
-
-
-def _finite_positive(value, key: str, fix: str) -> None:
-    if value is None or not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{key}={value} must be a finite number > 0; {fix}")
 
 
 def _check_slow_links(cfg: Config) -> None:

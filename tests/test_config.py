@@ -34,7 +34,8 @@ def test_resolved_config_round_trips(tmp_path):
     (["schedule.method=magic"], ["schedule.method", "skippipe"]),
     (["schedule.num_stages=9"], ["9 stages > model.n_layers=8"]),
     (["schedule.skip_ratio=0.8"], ["schedule.skip_ratio=0.8 leaves 1 of 4", "lower schedule.skip_ratio"]),
-    (["schedule.microbatches_per_originator=0"], ["schedule.microbatches_per_originator=0 must be > 0"]),
+    (["schedule.microbatches_per_originator=0"], ["schedule.microbatches_per_originator=0 must be >= 1",
+                                                   "every stage-0 node starts at least one"]),
     (["train.samples_per_microbatch=0"], ["train.samples_per_microbatch"]),
     (["data.source=files", "data.path=/no/such/file.txt"], ["data.path", "/no/such/file.txt", "does not exist"]),
     (["topology.file=/no/such.yaml"], ["topology.file", "/no/such.yaml"]),
@@ -71,7 +72,10 @@ OUT_OF_RANGE = {
     "cost.fwd_s_per_sample_layer": -0.01, "cost.flops_per_s": 0, "cost.bwd_factor": -1, "cost.loss_factor": "inf",
     "cost.message_overhead_s": -0.35, "cost.bytes_per_element": 0, "cost.measured_ewma": 1.5,
     "tracking.log_every": 0, "checkpoint.every": -1, "checkpoint.keep": 0, "fault.slow_threshold": 1.0,
-    "runtime.master_port": 70000, "ray.num_cpus_per_worker": 0,
+    "runtime.master_port": 70000, "ray.num_cpus_per_worker": 0, "train.lr": "nan", "train.steps": -1,
+    "train.eval_every": -2, "train.samples_per_microbatch": 0, "train.loss_scale": 0, "train.loss_scale_window": 0,
+    "data.val_fraction": 1.0, "schedule.microbatches_per_originator": 0, "schedule.memory": 0,
+    "runtime.timeout_s": 0, "fault.heartbeat_s": -1, "fault.probe_after": -1, "fault.slow_until": -2,
 }
 
 
@@ -86,7 +90,8 @@ def test_out_of_range_numbers_name_the_key_the_range_and_the_default():
         assert message.startswith(f"{key}=") and "must be" in message and "the default is" in message, message
     # the edges that are allowed
     load_config(None, ["train.grad_clip=0", "train.min_lr_ratio=1", "schedule.max_swaps=0", "cost.bwd_factor=0",
-                       "train.lr_steps=null", "runtime.master_port=65535"])
+                       "train.lr_steps=null", "runtime.master_port=65535", "schedule.memory=null",
+                       "fault.slow_until=null", "fault.probe_after=0", "train.eval_every=0", "train.steps=0"])
 
 
 def test_missing_config_file():
