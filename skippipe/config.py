@@ -19,6 +19,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf  # noqa: F401
 from omegaconf import errors as oc_errors
 
 from skippipe.errors import ConfigError
+from skippipe.fileio import absent
 from skippipe.plan import stages_visited  # noqa: F401 (the formula lives with the path rules)
 
 LAUNCHERS = ("inprocess", "local", "ray")
@@ -331,7 +332,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file '{path}' does not exist; pass an existing YAML, e.g. configs/tiny.yaml")
+            raise ConfigError(f"config file '{path}' {absent(p)}; pass an existing YAML, e.g. configs/tiny.yaml")
         try:
             file_cfg = OmegaConf.load(p)
         except Exception as err:
@@ -577,7 +578,7 @@ def _check_paths(cfg: Config) -> None:
     if cfg.data.tokenizer == "hf" and not cfg.data.hf_tokenizer:
         raise ConfigError("data.tokenizer=hf needs data.hf_tokenizer (a local directory holding tokenizer.json)")
     if cfg.topology.file is not None and not Path(cfg.topology.file).is_file():
-        raise ConfigError(f"topology.file '{cfg.topology.file}' does not exist; "
+        raise ConfigError(f"topology.file '{cfg.topology.file}' {absent(cfg.topology.file)}; "
                           "point it at a topology YAML such as configs/topology/geo2.yaml")
     if cfg.schedule.routes_from is not None and not (Path(cfg.schedule.routes_from) / "routes.jsonl").is_file():
         raise ConfigError(f"schedule.routes_from: '{cfg.schedule.routes_from}/routes.jsonl' does not exist; "

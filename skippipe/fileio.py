@@ -48,3 +48,14 @@ def atomic_path(path: Path) -> Iterator[Path]:
 def write_text_atomic(path: Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def absent(path, want: str = "file") -> str:
+    """Why ``path`` is not the ``want`` (``file`` or ``directory``) it should be, for an error
+    message: "does not exist", "is a directory" or "is a file"."""
+    p = Path(path)
+    if not p.exists():
+        return "does not exist"
+    if want == "file":
+        return "is a directory, not a file" if p.is_dir() else "is not a regular file"
+    return "is a file, not a directory"

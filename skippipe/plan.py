@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from skippipe.errors import PlanError
-from skippipe.fileio import write_text_atomic
+from skippipe.fileio import absent, write_text_atomic
 
 PLAN_FORMAT = "skippipe.plan.v1"
 PHASES = ("F", "L", "B")
@@ -131,7 +131,7 @@ class Plan:
     def load(cls, path: str | Path) -> "Plan":
         p = Path(path)
         if not p.is_file():
-            raise PlanError(f"plan file '{path}' does not exist; write one with `skippipe plan --out FILE`")
+            raise PlanError(f"plan file '{path}' {absent(p)}; write one with `skippipe plan --out FILE`")
         try:
             data = json.loads(p.read_text())
         except json.JSONDecodeError as err:

@@ -21,7 +21,7 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from skippipe.fileio import atomic_path, ensure_dir
+from skippipe.fileio import absent, atomic_path, ensure_dir
 from skippipe.gantt import draw_events, node_rows, phase_legend, stage_separators
 from skippipe.runfiles import read_jsonl, read_metrics, read_run_config
 
@@ -286,7 +286,8 @@ def plot_run(run_dir: str | Path, step: Optional[int] = None, out_dir: Optional[
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise UserError(f"run directory '{run_dir}' does not exist; give a directory written by `skippipe train`")
+        raise UserError(f"run directory '{run_dir}' {absent(run_dir, 'directory')}; give a directory written by "
+                        "`skippipe train`")
     metrics = read_metrics(run_dir)
     if not any("loss/train" in m for m in metrics):
         raise UserError(f"'{run_dir}/metrics.jsonl' has no training step yet; nothing to plot")

@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List
 
+from skippipe.fileio import absent
+
 
 def read_jsonl(path: Path) -> List[Dict[str, Any]]:
     """Every complete JSON line of ``path``: a torn last line (a crash while writing it) is skipped;
@@ -33,7 +35,7 @@ def read_metrics(run_dir: Path) -> List[Dict[str, Any]]:
 
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
-        raise UserError(f"'{path}' does not exist; give a run directory written by `skippipe train` (runs/<name>)")
+        raise UserError(f"'{path}' {absent(path)}; give a run directory written by `skippipe train` (runs/<name>)")
     return read_jsonl(path)
 
 
@@ -47,9 +49,10 @@ def read_config_data(run_dir: Path) -> Dict[str, Any]:
     run_dir = Path(run_dir)
     path = run_dir / "config.yaml"
     if not run_dir.is_dir():
-        raise UserError(f"run directory '{run_dir}' does not exist; give a directory written by `skippipe train`")
+        raise UserError(f"run directory '{run_dir}' {absent(run_dir, 'directory')}; give a directory written by "
+                        "`skippipe train`")
     if not path.is_file():
-        raise UserError(f"'{path}' does not exist; '{run_dir}' is not a run directory written by `skippipe train`")
+        raise UserError(f"'{path}' {absent(path)}; '{run_dir}' is not a run directory written by `skippipe train`")
     try:
         data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     except Exception as err:

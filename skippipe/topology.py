@@ -31,6 +31,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from skippipe.errors import TopologyError
+from skippipe.fileio import absent
 
 PLACEMENTS = ("round_robin", "random", "single")
 _SINGLE_REGION = {"names": ["local"], "latency_ms": [[0.05]], "bandwidth_gbps": [[100.0]]}
@@ -181,7 +182,7 @@ def _read_yaml(path: Path, what: str) -> Any:
     from omegaconf import OmegaConf
 
     if not path.is_file():
-        raise TopologyError(f"{what} '{path}' does not exist")
+        raise TopologyError(f"{what} '{path}' {absent(path)}")
     try:
         return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     except Exception as err:

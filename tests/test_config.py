@@ -129,3 +129,19 @@ def test_a_first_argument_without_equals_is_the_config_file():
     assert split_config_arg(["configs/tiny.yaml", "a=1"]) == ("configs/tiny.yaml", ["a=1"])
     assert split_config_arg(["a=1", "b=2"]) == (None, ["a=1", "b=2"])
     assert split_config_arg([]) == (None, [])
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["plan", "{dir}"], "config file '{dir}' is a directory, not a file"),
+    (["plan", "configs/tiny.yaml", "topology.file={dir}"], "topology.file '{dir}' is a directory, not a file"),
+    (["simulate", "{dir}"], "plan file '{dir}' is a directory, not a file"),
+    (["plot", "{file}"], "run directory '{file}' is a file, not a directory"),
+    (["verify", "{file}"], "run directory '{file}' is a file, not a directory"),
+])
+def test_a_path_of_the_wrong_kind_is_named_as_such(tmp_path, capsys, argv, words):
+    file = tmp_path / "a.txt"
+    file.write_text("x")
+    fill = {"dir": str(tmp_path), "file": str(file)}
+    assert main([a.format(**fill) for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert words.format(**fill) in err and len(err.splitlines()) == 1, err

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from skippipe.errors import UserError
-from skippipe.fileio import write_text_atomic
+from skippipe.fileio import absent, write_text_atomic
 from skippipe.verify.digest import chain_next, chain_start, hash_fields, merkle_root, tensor_digest
 
 SCHEME = "skippipe.ledger.v1"
@@ -441,7 +441,8 @@ def read_ledger(run_dir) -> Ledger:
     """Read ``run_dir/ledger``; a missing, truncated or foreign file is a UserError naming it."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise UserError(f"run directory '{run_dir}' does not exist")
+        raise UserError(f"run directory '{run_dir}' {absent(run_dir, 'directory')}; give a directory written by "
+                        "`skippipe train`")
     ledger_dir = run_dir / "ledger"
     header = _read_header(ledger_dir / "header.json")
     steps_path = ledger_dir / "steps.jsonl"
