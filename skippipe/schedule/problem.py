@@ -115,14 +115,14 @@ def share_counts(total: int, n: int, times: Optional[List[float]] = None) -> Tup
     return tuple(counts)
 
 
-def share_options(prob: "Problem", total: int, incumbents: Sequence = ()) -> List[Tuple[int, ...]]:
+def share_options(prob: "Problem", incumbents: Sequence = ()) -> List[Tuple[int, ...]]:
     """The shares a ``skippipe`` plan is routed with, best first by assumption: the speed-following
     ones the problem was built with, the even split, and those of ``incumbents`` (earlier plans
     with the same live originators). Stage-0 time alone does not say which is faster: an
     originator also runs every loss and backward of its share at the end of their paths, and
     measured times that are near a tie flip the greedy split (the hetero benchmark's
     re-plan moved a microbatch to the originator that then ran 25% slower)."""
-    origs = prob.originators
+    origs, total = prob.originators, len(prob.mbs)
     options = [tuple(sum(1 for _, o, _ in prob.mbs if o == orig) for orig in origs),
                share_counts(total, len(origs))]
     for plan in incumbents:

@@ -41,7 +41,6 @@ def route(allocation: List[List[str]], topology, cost, params, state: Optional[L
     unknown = [n for nodes in allocation for n in nodes if n not in topology]
     if unknown:
         raise PlanError(f"allocation names node '{unknown[0]}' that is not in the topology")
-    rng = random.Random(f"{params.seed}:{step}:{method}")
     prob = build_problem(allocation, cost, params, state, method)
     num_stages = len(allocation)
     if method == "skippipe":
@@ -50,6 +49,7 @@ def route(allocation: List[List[str]], topology, cost, params, state: Optional[L
         makers = {"full": paths_full, "random_skip": paths_random, "skippipe_nc": paths_nc}
         if method not in makers:
             raise PlanError(f"schedule.method={method!r} is unknown")
+        rng = random.Random(f"{params.seed}:{step}:{method}")
         plan, _ = finalise(assemble(prob, method, num_stages, makers[method](prob, rng)), prob)
     if state.probe_links or state.probe_nodes:
         return include_links(plan, prob, state.probe_links, state.probe_nodes)
@@ -61,7 +61,7 @@ def _best_shares(allocation, cost, params, state: LiveState, prob: Problem, step
     """``route_skippipe`` once per microbatch share (``problem.share_options``: the speed-following
     split, the even one, the incumbents'): the fastest plan and its problem (ties: the earlier
     option). Every option searches from the same seed, so the result stays deterministic."""
-    options = share_options(prob, len(prob.mbs), incumbents)
+    options = share_options(prob, incumbents)
     best = None
     for i, counts in enumerate(options):
         trial = prob if i == 0 else build_problem(allocation, cost, params, state, "skippipe", counts)
